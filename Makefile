@@ -1,0 +1,33 @@
+# Set-up and entry points. `make test` and `make demo` work on a fresh machine.
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+EXTRAS  ?= dev,data,hf,tb
+STAMP   := $(VENV)/.megapeer-installed
+
+.PHONY: venv test test-fast demo clean check-cuda
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+# CPU torch 2.13.0 where no torch is present (an unpinned torch pulls a CUDA build).
+$(STAMP): $(VPY) setup.py
+	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(VPY) -m megapeer.demo
+
+# Compile-check the CUDA sources for sm_90a with nvcc (no GPU, no CUDA torch needed).
+check-cuda: $(STAMP)
+	$(VPY) tools/check_cuda_sources.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

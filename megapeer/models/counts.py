@@ -1,0 +1,2 @@
+def param_counts(*a): pass
+def flops_per_token(*a): pass

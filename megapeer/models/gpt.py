@@ -1,0 +1,130 @@
+"""build_model: Megatron-Core GPTModel chunks with MLA attention and dense/PEER MLPs."""
+import logging
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+from ..parallel import cpu_shims
+from .layer_specs import attention_backend, block_spec
+
+log = logging.getLogger(__name__)
+
+
+def padded_vocab_size(model_cfg, tp: int) -> int:
+    mult = 128 * tp
+    return ((model_cfg.vocab_size + mult - 1) // mult) * mult
+
+
+def param_dtype(training_cfg) -> torch.dtype:
+    p = training_cfg.precision if training_cfg is not None else "auto"
+    if p == "auto":
+        p = "bf16" if torch.cuda.is_available() else "fp32"
+    return torch.bfloat16 if p == "bf16" else torch.float32
+
+
+def transformer_config(model_cfg, parallel_cfg, training_cfg=None) -> MLATransformerConfig:
+    """Megatron's config from our sections (MLA + parallel + precision + recompute)."""
+    m, a, p = model_cfg, model_cfg.mla, parallel_cfg
+    dtype = param_dtype(training_cfg)
+    recompute = training_cfg.recompute if training_cfg is not None else "none"
+    on_cpu = not torch.cuda.is_available()
+    kw = {}
+    if recompute == "full":
+        kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":
+        kw.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return MLATransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        ffn_hidden_size=m.ffn_hidden_size,
+        kv_channels=a.v_head_dim,
+        q_lora_rank=a.q_lora_rank,
+        kv_lora_rank=a.kv_lora_rank,
+        qk_head_dim=a.qk_head_dim,
+        qk_pos_emb_head_dim=a.qk_pos_emb_head_dim,
+        v_head_dim=a.v_head_dim,
+        rope_type=a.rope_type,
+        rotary_base=a.rotary_base,
+        rotary_scaling_factor=a.rotary_scaling_factor,
+        original_max_position_embeddings=a.original_max_position_embeddings,
+        beta_fast=a.beta_fast,
+        beta_slow=a.beta_slow,
+        mscale=a.mscale,
+        mscale_all_dim=a.mscale_all_dim,
+        qk_layernorm=True,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        attention_dropout=m.attention_dropout,
+        hidden_dropout=m.hidden_dropout,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        expert_model_parallel_size=p.expert,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=on_cpu,
+        # Batched p2p with interleaved schedules gives wrong gradients on gloo.
+        batch_p2p_comm=not on_cpu,
+        batch_p2p_sync=not on_cpu,
+        **kw,
+    )
+
+
+def build_model_chunks(cfg, tcfg=None) -> list:
+    """This rank's model chunks (one per virtual pipeline stage) for a full Config."""
+    m, p = cfg.model, cfg.parallel
+    tcfg = tcfg or transformer_config(m, p, cfg.training)
+    backend = attention_backend(m)
+    if torch.distributed.get_rank() == 0:
+        log.info("attention: %s", "Transformer Engine" if backend == "te"
+                 else "local spec + torch SDPA core attention")
+    vpp = p.virtual_pipeline
+    chunks = []
+    for vp in (range(vpp) if vpp else [None]):
+        model = GPTModel(
+            config=tcfg,
+            transformer_layer_spec=block_spec(m, tcfg, vp_stage=vp),
+            vocab_size=padded_vocab_size(m, p.tensor),
+            max_sequence_length=m.seq_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+            position_embedding_type="none",
+            vp_stage=vp,
+        )
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks
+
+
+def build_model(cfg):
+    """This rank's GPTModel (a list of chunks with virtual pipeline stages)."""
+    chunks = build_model_chunks(cfg)
+    return chunks if cfg.parallel.virtual_pipeline else chunks[0]
+
+
+def peer_modules(model):
+    """All PEER modules of a model or list of chunks."""
+    from .peer import PEER
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [mod for c in chunks for mod in c.modules() if isinstance(mod, PEER)]
+
+
+__all__ = ["build_model", "build_model_chunks", "padded_vocab_size", "peer_modules",
+           "transformer_config", "cpu_shims"]

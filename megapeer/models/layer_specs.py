@@ -1,0 +1,72 @@
+"""The one place where ModuleSpecs are built.
+
+Every layer uses MLA attention; its MLP slot is a dense SwiGLU MLP ('D') or PEER
+('P'), per model.layer_pattern. With Transformer Engine importable (and
+attention_backend auto or te) Megatron-Core's TE spec is used; otherwise the
+local spec with our SDPA core attention.
+"""
+import copy
+import logging
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                         get_num_layers_to_build)
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from ..config.validate import layer_kinds
+from ..parallel.cpu_shims import transformer_engine_available
+from .attention import SDPAttention
+from .peer import PEER
+
+log = logging.getLogger(__name__)
+
+
+def attention_backend(model_cfg) -> str:
+    """'te' or 'local' (SDPA), from model.attention_backend and what is importable."""
+    want = model_cfg.attention_backend
+    have_te = transformer_engine_available()
+    if want == "te" and not have_te:
+        raise RuntimeError("model.attention_backend=te but transformer_engine is not importable")
+    return "te" if (want in ("auto", "te") and have_te) else "local"
+
+
+def _base_spec(backend: str) -> ModuleSpec:
+    if backend == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import \
+            get_gpt_layer_with_transformer_engine_spec
+        return get_gpt_layer_with_transformer_engine_spec(
+            multi_latent_attention=True, qk_layernorm=True)
+    spec = get_gpt_layer_local_spec(multi_latent_attention=True, qk_layernorm=True,
+                                    normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def _norm(backend: str):
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+        return TENorm
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    return WrappedTorchNorm
+
+
+def layer_spec(kind: str, backend: str, peer_cfg) -> ModuleSpec:
+    spec = _base_spec(backend)
+    if kind == "P":
+        spec = copy.deepcopy(spec)
+        spec.submodules.mlp = ModuleSpec(module=PEER, params={"peer": peer_cfg})
+        # TE fuses the pre-MLP norm into its first linear; PEER needs it explicit.
+        spec.submodules.pre_mlp_layernorm = _norm(backend)
+        spec.submodules.sharded_state_dict_keys_map = {}
+    return spec
+
+
+def block_spec(model_cfg, tcfg, vp_stage=None) -> TransformerBlockSubmodules:
+    """Layer specs of this pipeline stage (and virtual stage)."""
+    backend = attention_backend(model_cfg)
+    specs = [layer_spec(k, backend, model_cfg.peer) for k in layer_kinds(model_cfg)]
+    offset = get_transformer_layer_offset(tcfg, vp_stage=vp_stage)
+    n = get_num_layers_to_build(tcfg, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=specs[offset:offset + n],
+                                      layer_norm=_norm(backend))

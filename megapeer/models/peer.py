@@ -1,0 +1,233 @@
+"""PEER: Parameter Efficient Expert Retrieval (He 2024), as a Megatron-Core MLP module.
+
+Per token x [d] and head h:
+  q_h   = norm(W_q x)_h                         query [key_dim], per-token norm by default
+  s_i   = q_h,i . K_i                           one score per sub-key, per product dimension i
+  top-k candidates per dimension, combined (sums of scores) and pruned to top-k
+  g     = softmax (or sigmoid) of the k selected scores
+  y     = sum_h sum_k g * act(u_e . x) v_e      experts e: single neurons (or m-wide MLPs)
+
+Sharding (see docs/architecture.md): U and V ([N*m, d]) are split along d over the
+tensor-parallel group (partial dot products are all-reduced, a [T, h, k] tensor;
+the output slices are all-gathered) and along expert rows over the expert-parallel
+group (tokens all-gathered within the group, partial outputs reduce-scattered).
+Query network and sub-keys are small and replicated.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.tensor_parallel import mappings
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from ..ops import gather_axpy, gather_dot
+
+_ACTS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+class PEER(MegatronModule):
+    """Drop-in for the `mlp` slot of a TransformerLayer: forward([s, b, d]) -> (out, None)."""
+
+    def __init__(self, config, peer):
+        super().__init__(config=config)
+        self.peer = peer
+        d = config.hidden_size
+        self.d = d
+        self.heads, self.topk = peer.heads, peer.topk
+        self.sizes = list(peer.num_experts)
+        self.num_experts = math.prod(self.sizes)
+        self.m = peer.expert_hidden
+        self.sub_dim = peer.key_dim // len(self.sizes)
+        self.subkey_topk = peer.subkey_topk or peer.topk
+        self.act = _ACTS[peer.activation]
+        self.layer_number = None
+
+        self.tp_size = ps.get_tensor_model_parallel_world_size()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.ep_size = ps.get_expert_model_parallel_world_size()
+        self.ep_rank = ps.get_expert_model_parallel_rank()
+        self.d_local = d // self.tp_size
+        self.n_local = self.num_experts // self.ep_size
+
+        dtype = config.params_dtype
+        dev = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        kw = dict(device=dev, dtype=dtype)
+        self.query = torch.nn.Parameter(torch.empty(self.heads * peer.key_dim, d, **kw))
+        if peer.query_norm == "layernorm":
+            self.query_norm = torch.nn.LayerNorm(peer.key_dim, eps=config.layernorm_epsilon, **kw)
+        elif peer.query_norm == "rmsnorm":
+            self.query_norm = torch.nn.RMSNorm(peer.key_dim, eps=config.layernorm_epsilon, **kw)
+        elif peer.query_norm == "batchnorm":
+            # The paper's choice. Statistics span all tokens of the batch, so a token's
+            # query depends on other positions: not causal. Opt-in only.
+            self.query_norm = torch.nn.BatchNorm1d(self.heads * peer.key_dim, **kw)
+        else:
+            self.query_norm = None
+        self.keys = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.empty(n, self.sub_dim, **kw)) for n in self.sizes])
+        self.U = torch.nn.Parameter(torch.empty(self.n_local * self.m, self.d_local, **kw))
+        self.V = torch.nn.Parameter(torch.empty(self.n_local * self.m, self.d_local, **kw))
+        for p in (self.U, self.V):
+            p.allreduce = False                 # expert-parallel: reduced over expert-DP
+            p.tensor_model_parallel = self.tp_size > 1
+            p.partition_dim = 1
+            p.partition_stride = 1
+            p.peer_table = True                 # for weight-decay groups
+        self.reset_parameters()
+        self._usage = None
+
+    # ---------------------------------------------------------------- init
+    def reset_parameters(self):
+        if not self.config.perform_initialization:
+            return
+        std = self.peer.init_std or self.config.init_method_std
+        with torch.no_grad():
+            torch.nn.init.normal_(self.query, std=self.config.init_method_std)
+            for k in self.keys:
+                torch.nn.init.normal_(k, std=1.0 / math.sqrt(self.sub_dim))
+            tracker = tensor_parallel.get_cuda_rng_tracker()
+            name = tensor_parallel.random.get_expert_parallel_rng_tracker_name()
+            ctx = tracker.fork(name) if name in tracker.get_states() else _nullctx()
+            with ctx:
+                torch.nn.init.normal_(self.U, std=std)
+                # output-side init scaled like Megatron's output layers
+                torch.nn.init.normal_(self.V, std=std / math.sqrt(2.0 * self.config.num_layers))
+
+    def set_layer_number(self, layer_number):
+        self.layer_number = layer_number
+
+    # ----------------------------------------------------------- retrieval
+    def retrieve(self, x):
+        """x [T, d] -> (indices [T, h, k] int64 global expert ids, gates [T, h, k], scores)."""
+        T = x.shape[0]
+        q = F.linear(x, self.query)
+        if isinstance(self.query_norm, torch.nn.BatchNorm1d):
+            q = self.query_norm(q)
+        q = q.view(T, self.heads, -1)
+        if self.query_norm is not None and not isinstance(self.query_norm, torch.nn.BatchNorm1d):
+            q = self.query_norm(q)
+        parts = q.split(self.sub_dim, dim=-1)
+        ck = self.subkey_topk
+        cand_s = cand_i = None
+        last = len(self.sizes) - 1
+        for i, (qi, ki) in enumerate(zip(parts, self.keys)):
+            si = torch.einsum("thc,nc->thn", qi, ki.to(qi.dtype))
+            vals, ids = si.topk(ck, dim=-1)
+            if cand_s is None:
+                cand_s, cand_i = vals, ids
+                continue
+            comb_s = (cand_s.unsqueeze(-1) + vals.unsqueeze(-2)).flatten(-2)
+            comb_i = (cand_i.unsqueeze(-1) * self.sizes[i] + ids.unsqueeze(-2)).flatten(-2)
+            keep = self.topk if i == last else ck
+            cand_s, pos = comb_s.topk(keep, dim=-1)
+            cand_i = comb_i.gather(-1, pos)
+        if self.peer.score_fn == "softmax":
+            gates = torch.softmax(cand_s.float(), dim=-1).to(x.dtype)
+        else:
+            gates = torch.sigmoid(cand_s.float()).to(x.dtype)
+        return cand_i, gates, cand_s
+
+    # -------------------------------------------------------------- experts
+    def experts(self, x, idx, gates):
+        """Sum of gate * act(u . x) * v over heads and selected experts; x [T, d]."""
+        mode = self.peer.kernel
+        if self.ep_size > 1:
+            group = ps.get_expert_model_parallel_group()
+            x = mappings.gather_from_sequence_parallel_region(x, True, group=group)
+            gates = mappings.gather_from_sequence_parallel_region(gates, True, group=group)
+            idx = _all_gather_rows(idx, group)
+            idx = idx - self.ep_rank * self.n_local
+            own = (idx >= 0) & (idx < self.n_local)
+            gates = gates * own
+            idx = idx.clamp(0, self.n_local - 1)
+        if self.tp_size > 1:
+            tp = ps.get_tensor_model_parallel_group()
+            lo = self.tp_rank * self.d_local
+            xs = mappings.copy_to_tensor_model_parallel_region(x, group=tp)[:, lo:lo + self.d_local]
+            s = gather_dot(xs, idx, self.U, self.m, mode)
+            s = mappings.reduce_from_tensor_model_parallel_region(s, group=tp)
+        else:
+            s = gather_dot(x, idx, self.U, self.m, mode)
+        w = self.act(s) * gates.unsqueeze(-1)
+        if self.tp_size > 1:
+            w = mappings.copy_to_tensor_model_parallel_region(w, group=tp)
+        out = gather_axpy(w, idx, self.V, self.m, mode)
+        if self.ep_size > 1:
+            out = mappings.reduce_scatter_to_sequence_parallel_region(out, group=group)
+        if self.tp_size > 1:
+            out = mappings.gather_from_tensor_model_parallel_region(out, group=tp)
+        return out
+
+    def forward(self, hidden_states, padding_mask=None):
+        # padding_mask is accepted for the MLP interface; every token is routed.
+        s, b, d = hidden_states.shape
+        x = hidden_states.reshape(s * b, d)
+        idx, gates, scores = self.retrieve(x)
+        if self._usage is not None and self.training:
+            self._record_usage(idx, gates, scores)
+        out = self.experts(x, idx, gates)
+        return out.view(s, b, d), None
+
+    # ---------------------------------------------------------- expert usage
+    def track_usage(self, enabled: bool = True):
+        """Count selections per expert on the device (no host sync) until collected."""
+        self._usage = self._new_usage() if enabled else None
+
+    def _new_usage(self):
+        dev = self.query.device
+        return {"counts": torch.zeros(self.num_experts, device=dev, dtype=torch.float32),
+                "tokens": torch.zeros((), device=dev), "score_sum": torch.zeros((), device=dev),
+                "score_sq": torch.zeros((), device=dev), "gate_max": torch.zeros((), device=dev)}
+
+    @torch.no_grad()
+    def _record_usage(self, idx, gates, scores):
+        u = self._usage
+        flat = idx.reshape(-1)
+        u["counts"].index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+        u["tokens"] += idx.shape[0]
+        sc = scores.float()
+        u["score_sum"] += sc.mean(dim=-1).sum()
+        u["score_sq"] += (sc * sc).mean(dim=-1).sum()
+        u["gate_max"] += gates.float().max(dim=-1).values.sum()
+
+    def collect_usage(self):
+        """Return the raw usage counters and start a new window (None if not tracking)."""
+        u = self._usage
+        if u is not None:
+            self._usage = self._new_usage()
+        return u
+
+    # ----------------------------------------------------------- checkpoints
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        sd = {}
+        plain = {k: v for k, v in self.state_dict(prefix="", keep_vars=True).items()
+                 if k not in ("U", "V")}
+        sd.update(make_sharded_tensors_for_checkpoint(plain, prefix, {}, sharded_offsets))
+        edp_rank = ps.get_expert_data_parallel_rank()
+        n_pre = len(sharded_offsets)
+        for name in ("U", "V"):
+            sd[f"{prefix}{name}"] = ShardedTensor.from_rank_offsets(
+                f"{prefix}{name}", getattr(self, name), *sharded_offsets,
+                (n_pre + 0, self.ep_rank, self.ep_size), (n_pre + 1, self.tp_rank, self.tp_size),
+                replica_id=(0, 0, edp_rank), prepend_axis_num=n_pre)
+        return sd
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _all_gather_rows(t, group):
+    """All-gather an integer tensor along dim 0 (no autograd)."""
+    n = torch.distributed.get_world_size(group)
+    out = torch.empty((n * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    torch.distributed.all_gather_into_tensor(out, t.contiguous(), group=group)
+    return out

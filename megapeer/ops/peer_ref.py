@@ -1,0 +1,40 @@
+"""Plain-PyTorch reference for PEER's expert step.
+
+The expert step is two gather ops over the expert tables, split so that the
+tensor-parallel all-reduce of the partial dot products fits between them:
+
+    s  = gather_dot(x, idx, U, m)      s[t,h,k,j] = U[idx[t,h,k]*m + j] . x[t]
+    (all-reduce s over tensor parallel; w = gate * act(s), computed by the caller)
+    out = gather_axpy(w, idx, V, m)    out[t] = sum_{h,k,j} w[t,h,k,j] * V[idx[t,h,k]*m + j]
+
+Shapes: x [T, d]; idx [T, h, k] int64 in [0, N); U, V [N*m, d] (m = expert hidden
+size, 1 for single-neuron experts); s and w [T, h, k, m]; out [T, d].
+Autograd flows to x, U, w and V. The fused CUDA kernels (ops/peer_cuda.py) compute
+the same two functions; this file is their reference.
+"""
+import torch
+
+
+def _rows(idx: torch.Tensor, m: int) -> torch.Tensor:
+    if m == 1:
+        return idx.unsqueeze(-1)
+    return idx.unsqueeze(-1) * m + torch.arange(m, device=idx.device)
+
+
+def gather_dot(x: torch.Tensor, idx: torch.Tensor, U: torch.Tensor, m: int = 1) -> torch.Tensor:
+    rows = _rows(idx, m)                        # [T, h, k, m]
+    u = U[rows]                                 # [T, h, k, m, d]
+    return torch.einsum("thkmd,td->thkm", u, x)
+
+
+def gather_axpy(w: torch.Tensor, idx: torch.Tensor, V: torch.Tensor, m: int = 1) -> torch.Tensor:
+    rows = _rows(idx, m)
+    v = V[rows]                                 # [T, h, k, m, d]
+    return torch.einsum("thkmd,thkm->td", v, w)
+
+
+def peer_experts(x, idx, gates, U, V, act, m: int = 1):
+    """Single-process expert step: sum over heads/experts of gate * act(u.x) * v."""
+    s = gather_dot(x, idx, U, m)
+    w = act(s) * gates.unsqueeze(-1)
+    return gather_axpy(w, idx, V, m)
