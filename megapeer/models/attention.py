@@ -10,7 +10,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
@@ -57,3 +59,50 @@ class SDPAttention(MegatronModule):
                                                  is_causal=causal, scale=self.softmax_scale)
         # [b, n, s, dv] -> [s, b, n * dv]
         return out.permute(2, 0, 1, 3).reshape(sq, b, nh * self.v_channels)
+
+
+class _GatherKVLatent(torch.autograd.Function):
+    """All-gather the last dim over TP; backward sums the rotary-key part over TP.
+
+    MLA's shared rotary key (the last qk_pos_emb_head_dim columns) feeds every
+    head, and heads are split over tensor-parallel ranks: each rank holds only its
+    heads' share of that key's gradient. Megatron-Core 0.16.1 splits the gathered
+    gradient without summing it (wrong gradients for linear_kv_down_proj at TP>1,
+    measured in tests/test_parallel.py); here the rotary part is all-reduced first.
+    The latent part's gradient is already complete on every rank (it passes
+    through a column-parallel up-projection whose input gradient is all-reduced).
+    """
+
+    @staticmethod
+    def forward(ctx, local, latent_dim, group):
+        ctx.group, ctx.latent_dim = group, latent_dim
+        world = torch.distributed.get_world_size(group)
+        parts = [torch.empty_like(local) for _ in range(world)]
+        torch.distributed.all_gather(parts, local.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        pos = grad[..., ctx.latent_dim:].contiguous()
+        torch.distributed.all_reduce(pos, group=ctx.group)
+        grad[..., ctx.latent_dim:] = pos
+        world = torch.distributed.get_world_size(ctx.group)
+        rank = torch.distributed.get_rank(ctx.group)
+        return grad.chunk(world, dim=-1)[rank].contiguous(), None, None
+
+
+class KVDownProjection(ColumnParallelLinear):
+    """MLA's linear_kv_down_proj for the local spec, with exact gradients at TP>1.
+
+    Returns the full [.., kv_lora_rank + qk_pos_emb_head_dim] output, so that
+    MLASelfAttention skips its own gather (see _GatherKVLatent).
+    """
+
+    def forward(self, input_, *args, **kwargs):
+        out, bias = super().forward(input_, *args, **kwargs)
+        tp = self.tp_group if getattr(self, "tp_group", None) is not None else \
+            ps.get_tensor_model_parallel_group()
+        if torch.distributed.get_world_size(tp) > 1 and not self.config.sequence_parallel:
+            out = _GatherKVLatent.apply(out, self.config.kv_lora_rank, tp)
+        return out, bias

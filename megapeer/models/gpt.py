@@ -8,6 +8,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from ..parallel import cpu_shims
+from .attention import KVDownProjection
 from .layer_specs import attention_backend, block_spec
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,13 @@ def transformer_config(model_cfg, parallel_cfg, training_cfg=None) -> MLATransfo
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline,
-        expert_model_parallel_size=p.expert,
         sequence_parallel=p.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=on_cpu,
+        # per-layer checkpoint keys (layers.N.*): dense and PEER layers differ
+        hetereogenous_dist_checkpoint=True,
         # Batched p2p with interleaved schedules gives wrong gradients on gloo.
         batch_p2p_comm=not on_cpu,
         batch_p2p_sync=not on_cpu,
@@ -107,10 +109,33 @@ def build_model_chunks(cfg, tcfg=None) -> list:
             position_embedding_type="none",
             vp_stage=vp,
         )
+        _fix_mla_tp_grads(model)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks
+
+
+def _fix_mla_tp_grads(model):
+    """Two Megatron-Core 0.16.1 MLA gradient errors at tensor parallel > 1.
+
+    1. finalize_model_grads *sums* the grads of any parameter named '*q_layernorm*'
+       over TP ranks (right for per-head q norms). MLA's q_layernorm acts on the
+       all-gathered latent, so each rank already holds the full grad; the sum doubles
+       it. Averaging is exact.
+    2. The shared rotary key's grad is split without being summed over TP ranks
+       (attention.KVDownProjection). The module's class is switched after
+       construction because MLASelfAttention accepts only listed classes there.
+    Both are checked against the single-process gradients in tests/test_parallel.py.
+    """
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    for name, p in model.named_parameters():
+        if "self_attention.q_layernorm" in name:
+            p.average_gradients_across_tp_domain = True
+    for mod in model.modules():
+        proj = getattr(mod, "linear_kv_down_proj", None)
+        if type(proj) is ColumnParallelLinear:
+            proj.__class__ = KVDownProjection
 
 
 def build_model(cfg):

@@ -22,6 +22,16 @@ from .peer import PEER
 log = logging.getLogger(__name__)
 
 
+class _KnownMLPFilter(logging.Filter):
+    """TransformerLayer warns about any MLP class it does not know; PEER is expected."""
+
+    def filter(self, record):
+        return "Unknown MLP type" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_KnownMLPFilter())
+
+
 def attention_backend(model_cfg) -> str:
     """'te' or 'local' (SDPA), from model.attention_backend and what is importable."""
     want = model_cfg.attention_backend

@@ -122,13 +122,16 @@ class PEER(MegatronModule):
                 continue
             comb_s = (cand_s.unsqueeze(-1) + vals.unsqueeze(-2)).flatten(-2)
             comb_i = (cand_i.unsqueeze(-1) * self.sizes[i] + ids.unsqueeze(-2)).flatten(-2)
-            keep = self.topk if i == last else ck
+            # Keeping >= topk partial sums at every stage makes the result exact
+            # (any member of the final top-k has its partial sum in the partial top-k).
+            keep = self.topk if i == last else min(comb_s.shape[-1], max(ck, self.topk))
             cand_s, pos = comb_s.topk(keep, dim=-1)
             cand_i = comb_i.gather(-1, pos)
+        s32 = cand_s.to(torch.promote_types(cand_s.dtype, torch.float32))
         if self.peer.score_fn == "softmax":
-            gates = torch.softmax(cand_s.float(), dim=-1).to(x.dtype)
+            gates = torch.softmax(s32, dim=-1).to(x.dtype)
         else:
-            gates = torch.sigmoid(cand_s.float()).to(x.dtype)
+            gates = torch.sigmoid(s32).to(x.dtype)
         return cand_i, gates, cand_s
 
     # -------------------------------------------------------------- experts

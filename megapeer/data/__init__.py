@@ -1,0 +1,27 @@
+"""Data: tokenizers, corpus preprocessing into Megatron indexed datasets, blending, batches.
+
+Importing this package is cheap: torch and megatron.core load only when build_datasets or
+BatchIterator is first used (worker processes import just the tokenizer side).
+Preprocessing and tokenizer training: megapeer.data.preprocess.preprocess and
+megapeer.data.train_tokenizer.train_tokenizer (CLIs in tools/).
+"""
+from .tokenizer import HFTokenizer, SentencePieceTokenizer, build_tokenizer, load_tokenizer
+
+_LAZY = {
+    "build_datasets": "datasets",
+    "parse_blend": "datasets",
+    "BatchIterator": "batches",
+    "prepare_demo_data": "demo",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["BatchIterator", "HFTokenizer", "SentencePieceTokenizer", "build_datasets",
+           "build_tokenizer", "load_tokenizer", "parse_blend", "prepare_demo_data"]

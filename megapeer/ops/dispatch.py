@@ -1,0 +1,59 @@
+"""Choose the reference or fused implementation of PEER's expert step.
+
+mode: 'reference' always uses ops/peer_ref.py; 'fused' requires the compiled
+extension and CUDA tensors (error otherwise); 'auto' uses fused when both are
+available and falls back to the reference otherwise.
+"""
+import torch
+
+from . import peer_ref
+
+
+def kernel_status():
+    """(available: bool, reason: str) for the fused CUDA path."""
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available"
+    try:
+        from . import peer_cuda
+    except ImportError as e:  # module not written yet, or extension missing
+        return False, f"fused PEER ops unavailable: {e}"
+    return peer_cuda.available()
+
+
+_MODES = ("auto", "fused", "reference")
+
+
+def _use_fused(mode: str, *tensors: torch.Tensor) -> bool:
+    if mode not in _MODES:
+        raise ValueError(f"model.peer.kernel must be one of {_MODES}, got {mode!r}")
+    if mode == "reference":
+        return False
+    if mode == "auto" and not all(t.is_cuda for t in tensors):
+        return False      # CPU tensors: the reference, without touching CUDA
+    ok, why = kernel_status()
+    if mode == "fused":
+        if not ok:
+            raise RuntimeError(f"model.peer.kernel=fused but {why}")
+        from . import peer_cuda
+        if not peer_cuda.supports(*tensors):
+            raise RuntimeError("model.peer.kernel=fused needs CUDA tensors, all bfloat16 or all float32; got "
+                               + ", ".join(f"{t.dtype} on {t.device}" for t in tensors))
+        return True
+    if not ok:
+        return False
+    from . import peer_cuda
+    return peer_cuda.supports(*tensors)
+
+
+def gather_dot(x, idx, U, m: int = 1, mode: str = "auto"):
+    if _use_fused(mode, x, U):
+        from . import peer_cuda
+        return peer_cuda.gather_dot(x, idx, U, m)
+    return peer_ref.gather_dot(x, idx, U, m)
+
+
+def gather_axpy(w, idx, V, m: int = 1, mode: str = "auto"):
+    if _use_fused(mode, w, V):
+        from . import peer_cuda
+        return peer_cuda.gather_axpy(w, idx, V, m)
+    return peer_ref.gather_axpy(w, idx, V, m)

@@ -1,0 +1,1 @@
+"""Training: schedules, optimizer, checkpoints, metrics, the train loop."""

@@ -1,0 +1,81 @@
+"""One training (or evaluation) step through Megatron-Core's schedules.
+
+Used by the train loop, evaluation and the parallel-correctness tests alike, so
+that what the tests prove is what training runs.
+"""
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel as DDP
+from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from ..parallel import device
+
+
+def loss_func(loss_mask, output_tensor):
+    """Mean token loss of a micro-batch; the schedule averages over micro-batches."""
+    losses = output_tensor.float()
+    mask = loss_mask.to(losses.dtype)
+    loss = (losses * mask).sum() / mask.sum().clamp(min=1)
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator) if data_iterator is not None else None
+    dev = device()
+    if batch is None:  # middle pipeline stage: no data needed
+        batch = {}
+    tokens = batch["tokens"].to(dev, non_blocking=True) if "tokens" in batch else None
+    pos = batch["position_ids"].to(dev, non_blocking=True) if "position_ids" in batch else None
+    labels = batch["labels"].to(dev, non_blocking=True) if "labels" in batch else None
+    loss_mask = batch["loss_mask"].to(dev, non_blocking=True) if "loss_mask" in batch else None
+    output = model(tokens, pos, None, labels=labels)
+
+    def _loss(output_tensor):
+        return loss_func(loss_mask, output_tensor)
+    return output, _loss
+
+
+def wrap_ddp(chunks, tcfg, use_distributed_optimizer=False, overlap_grad_reduce=False):
+    """Megatron DDP around each chunk; sets the config hooks the schedules call."""
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    wrapped = [DDP(config=tcfg, ddp_config=ddp_cfg, module=c, disable_bucketing=(i > 0))
+               for i, c in enumerate(chunks)]
+    tcfg.no_sync_func = [m.no_sync for m in wrapped]
+    if len(wrapped) == 1:
+        tcfg.no_sync_func = tcfg.no_sync_func[0]
+    if overlap_grad_reduce:
+        tcfg.grad_sync_func = [m.start_grad_sync for m in wrapped]
+        if len(wrapped) == 1:
+            tcfg.grad_sync_func = tcfg.grad_sync_func[0]
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def forward_backward(chunks, data_iterators, num_microbatches, seq_length, micro_batch_size,
+                     forward_only=False):
+    """Run the schedule; returns the mean loss over micro-batches (on every rank)."""
+    fb = get_forward_backward_func()
+    iters = data_iterators if len(chunks) > 1 else data_iterators[0]
+    losses = fb(forward_step_func=forward_step, data_iterator=iters,
+                model=chunks if len(chunks) > 1 else chunks[0],
+                num_microbatches=num_microbatches, seq_length=seq_length,
+                micro_batch_size=micro_batch_size, forward_only=forward_only)
+    dev = device()
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        val = torch.stack([x["lm loss"] for x in losses]).mean().to(dev) if losses else \
+            torch.zeros((), device=dev)
+    else:
+        val = torch.zeros((), device=dev)
+    # last stage -> all stages (sum over the pipeline group; only the last is non-zero)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(val, group=ps.get_pipeline_model_parallel_group())
+    dp = ps.get_data_parallel_world_size()
+    if dp > 1:  # global batch loss = mean over data-parallel ranks
+        torch.distributed.all_reduce(val, group=ps.get_data_parallel_group())
+        val /= dp
+    return val
