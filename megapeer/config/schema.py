@@ -134,6 +134,7 @@ class LoggingConfig:
     log_interval: int = 10
     expert_usage_interval: int = 50
     tensorboard: bool = False
+    peak_tflops: Optional[float] = None    # per device, for MFU (default: by GPU name)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

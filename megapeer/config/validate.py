@@ -103,6 +103,9 @@ def validate_config(cfg: Config, world_size: int, source: str = "<config>") -> N
               f"[0, train_iters={t.train_iters}]")
     if t.min_lr > t.lr:
         _fail(source, "training.min_lr", f"= {t.min_lr} is above training.lr = {t.lr}")
+    if t.peer_weight_decay not in (None, t.weight_decay) and t.weight_decay == 0:
+        _fail(source, "training.peer_weight_decay", "needs training.weight_decay > 0 (it is "
+              "applied as a multiple of it)")
     if not 0.0 <= t.wsd_decay_fraction <= 1.0:
         _fail(source, "training.wsd_decay_fraction", "must be in [0, 1]")
     if p.virtual_pipeline is not None:

@@ -59,7 +59,7 @@ def flops_per_token(model_cfg, seq_length=None, vocab_size=None, training=True) 
     """Model FLOPs per token (forward, or forward+backward when training)."""
     m = model_cfg
     a, d, H = m.mla, m.hidden_size, m.num_attention_heads
-    S = seq_length or m.seq_length
+    S = m.seq_length if seq_length is None else seq_length
     V = vocab_size or m.vocab_size
     qk = a.qk_head_dim + a.qk_pos_emb_head_dim
     attn_linear = _mla_params(m) - d - (a.kv_lora_rank + (a.q_lora_rank or 0))  # no norms

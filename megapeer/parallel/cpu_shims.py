@@ -32,8 +32,15 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.utils",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.transformer.utils",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
 )
-_FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand")
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand",
+              "empty_like", "zeros_like", "ones_like")
 
 
 def _map_device(dev):

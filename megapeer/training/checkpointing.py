@@ -96,3 +96,190 @@ def gather_full(chunks, values="param"):
             torch.distributed.all_reduce(t)
             out[k] = t
     return {k: out[k] for k in keys}
+
+
+# ---------------------------------------------------------------- layout on disk
+# <checkpoint dir>/iter_0000100/    dist_checkpointing folder (model, optimizer, rng, ...)
+#                  megapeer.yaml    the run's full config
+#                  train_state.json iteration, consumed samples, ...
+# <checkpoint dir>/latest           name of the newest complete iteration folder
+LATEST = "latest"
+CONFIG_NAME = "megapeer.yaml"
+STATE_NAME = "train_state.json"
+
+
+def iter_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def resolve_checkpoint(path: str) -> str:
+    """An iteration folder from: an iteration folder, a checkpoint dir (its `latest`),
+    or a run dir holding `checkpoints/`. Raises FileNotFoundError naming the path."""
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return path
+    for base in (path, os.path.join(path, "checkpoints")):
+        marker = os.path.join(base, LATEST)
+        if os.path.isfile(marker):
+            with open(marker) as f:
+                name = f.read().strip()
+            it = os.path.join(base, name)
+            if not os.path.isfile(os.path.join(it, CONFIG_NAME)):
+                raise FileNotFoundError(f"{marker} names {name}, which is not a complete "
+                                        f"checkpoint (no {CONFIG_NAME})")
+            return it
+    raise FileNotFoundError(f"no megapeer checkpoint at {path} (expected {CONFIG_NAME} or a "
+                            f"'{LATEST}' marker)")
+
+
+def load_checkpoint_config(iter_dir: str):
+    from ..config import load_config
+    return load_config(os.path.join(iter_dir, CONFIG_NAME), validate=False)
+
+
+def load_model_single_process(path: str, overrides=()):
+    """(config, model) with weights from any checkpoint, in this process's layout (TP=PP=EP=1).
+
+    Needs an initialised process group (megapeer.parallel.init_distributed()).
+    """
+    from ..config import load_config
+    from ..models import build_model_chunks
+    from ..parallel import init_model_parallel
+    it = resolve_checkpoint(path)
+    cfg = load_config(os.path.join(it, CONFIG_NAME), validate=False,
+                      overrides=["parallel.tensor=1", "parallel.pipeline=1",
+                                 "parallel.virtual_pipeline=null", "parallel.expert=1",
+                                 "training.precision=fp32", *overrides])
+    init_model_parallel(cfg.parallel, cfg.training.seed)
+    chunks = build_model_chunks(cfg)
+    load_model(chunks, it)
+    return cfg, chunks[0]
+
+
+# ----------------------------------------------------------- training checkpoints
+def _layout():
+    from megatron.core import parallel_state as ps
+    return {"world": torch.distributed.get_world_size(),
+            "tensor": ps.get_tensor_model_parallel_world_size(),
+            "pipeline": ps.get_pipeline_model_parallel_world_size(),
+            "expert": ps.get_expert_model_parallel_world_size()}
+
+
+def _rng_object():
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+
+
+def _set_rng(state):
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _atomic_write(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_root, iteration, chunks, optimizer, scheduler, train_state, cfg,
+                    keep_last=3):
+    """Save everything needed to resume; `latest` moves only once the save is complete."""
+    import json
+    import shutil
+
+    from ..config import save_config
+    rank = torch.distributed.get_rank()
+    it_dir = os.path.join(ckpt_root, iter_name(iteration))
+    if rank == 0:
+        if os.path.isdir(it_dir):  # a stale, incomplete save of the same step
+            shutil.rmtree(it_dir)
+        os.makedirs(it_dir)
+    torch.distributed.barrier()
+    model_sd = model_sharded_state_dict(chunks)
+    sd = dict(model_sd)
+    sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False)
+    sd["rng"] = _rng_object()
+    dist_checkpointing.save(sd, it_dir)
+    torch.distributed.barrier()
+    if rank == 0:
+        state = dict(train_state, iteration=iteration, layout=_layout(),
+                     scheduler=scheduler.state_dict())
+        _atomic_write(os.path.join(it_dir, STATE_NAME), json.dumps(state, indent=1))
+        save_config(cfg, os.path.join(it_dir, CONFIG_NAME))
+        _atomic_write(os.path.join(ckpt_root, LATEST), iter_name(iteration))
+        _prune(ckpt_root, keep_last)
+    torch.distributed.barrier()
+    return it_dir
+
+
+def _prune(ckpt_root, keep_last):
+    import shutil
+    names = sorted(n for n in os.listdir(ckpt_root) if n.startswith("iter_")
+                   and os.path.isdir(os.path.join(ckpt_root, n)))
+    with open(os.path.join(ckpt_root, LATEST)) as f:
+        latest = f.read().strip()
+    complete = [n for n in names if os.path.isfile(os.path.join(ckpt_root, n, CONFIG_NAME))]
+    keep = set(complete[-keep_last:]) | {latest}
+    for n in names:
+        if n not in keep and n < latest:  # also removes incomplete older saves
+            shutil.rmtree(os.path.join(ckpt_root, n), ignore_errors=True)
+
+
+def load_checkpoint(it_dir, chunks, optimizer, scheduler):
+    """Restore model, optimizer, scheduler (and RNG when the layout is unchanged).
+
+    Returns the saved train_state dict.
+    """
+    import json
+    with open(os.path.join(it_dir, STATE_NAME)) as f:
+        state = json.load(f)
+    model_sd = model_sharded_state_dict(chunks)
+    sd = dict(model_sd)
+    sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+    same_layout = state.get("layout") == _layout()
+    if same_layout:
+        sd["rng"] = _rng_object()
+    loaded = dist_checkpointing.load(sd, it_dir)
+    chunks_u = [unwrap(c) for c in chunks]
+    if len(chunks_u) == 1:
+        chunks_u[0].load_state_dict(loaded["model"])
+    else:
+        for i, c in enumerate(chunks_u):
+            c.load_state_dict(loaded[f"model{i}"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if same_layout:
+        _set_rng(loaded["rng"])
+    state["rng_restored"] = same_layout
+    return state
+
+
+def find_resume_point(ckpt_cfg, ckpt_root):
+    """Iteration folder to resume from, or None for a fresh start."""
+    mode = ckpt_cfg.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        if not os.path.isfile(os.path.join(ckpt_root, LATEST)):
+            return None
+        return resolve_checkpoint(ckpt_root)
+    return resolve_checkpoint(mode)

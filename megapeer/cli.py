@@ -1,0 +1,58 @@
+"""`megapeer` command: train, eval, info, demo."""
+import sys
+
+USAGE = """usage: megapeer <command> [args]
+
+commands:
+  train   pretrain from a YAML config (megapeer train --config X.yaml [key=value ...])
+  eval    perplexity and lm-eval-harness benchmarks (megapeer eval --help)
+  info    versions, devices and which attention / PEER kernel paths are active
+  demo    the README demo: corpus, tokenizer, tiny MLA+PEER model on CPU, eval, export, sample
+"""
+
+
+def info() -> int:
+    import torch
+    print(f"megapeer {__import__('megapeer').__version__}")
+    print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    if torch.cuda.is_available():
+        print(f"device: {torch.cuda.get_device_name()}")
+    try:
+        import megatron.core as mc
+        print(f"megatron-core {mc.__version__}")
+    except Exception as e:  # pragma: no cover - shown to the user
+        print(f"megatron-core: not importable ({e})")
+    from .parallel.cpu_shims import transformer_engine_available
+    te = transformer_engine_available()
+    print(f"attention: {'Transformer Engine spec' if te else 'local spec + torch SDPA'} "
+          f"(model.attention_backend=auto)")
+    from .ops import kernel_status
+    ok, why = kernel_status()
+    print(f"PEER expert step: {'fused CUDA kernels' if ok else 'plain PyTorch reference'}"
+          f"{'' if ok else ' (' + why + ')'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        from .train import main as train_main
+        return train_main(rest)
+    if cmd == "eval":
+        from .eval.cli import main as eval_main
+        return eval_main(rest)
+    if cmd == "info":
+        return info()
+    if cmd == "demo":
+        from .demo import main as demo_main
+        return demo_main(rest)
+    print(f"unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""`python -m megapeer.train --config X.yaml [dotted.key=value ...]` (same as `megapeer train`)."""
+import argparse
+import sys
+
+
+def build_parser(prog="megapeer train"):
+    p = argparse.ArgumentParser(prog=prog, description="Pretrain an MLA + PEER model.")
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--resume", default=None,
+                   help="auto (latest checkpoint if any), none, or a checkpoint folder "
+                        "(overrides checkpoint.resume)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    return p
+
+
+def main(argv=None, prog="megapeer train"):
+    args = build_parser(prog).parse_args(argv)
+    from .config import ConfigError, load_config
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from .training.loop import NonFiniteError, train
+    try:
+        train(cfg)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
