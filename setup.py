@@ -22,37 +22,57 @@ def _cutlass_include():
 
 
 def cuda_extensions():
+    """The CUDA extension megapeer._C (csrc/peer), or nothing on CPU-only installs.
+
+    MEGAPEER_BUILD_EXT=0 skips it, =1 fails loudly when it cannot be built, auto
+    (default) builds it when torch is a CUDA build, nvcc is found and the CUTLASS/CuTe
+    headers (pip install nvidia-cutlass) are importable. MEGAPEER_CUDA_ARCHS lists
+    targets separated by ';' or ',' (default "90a": H100/H200, sm_90a).
+    """
     mode = os.environ.get("MEGAPEER_BUILD_EXT", "auto").lower()
     if mode in ("0", "no", "false", "skip"):
         return [], {}
+    force = mode in ("1", "yes", "true", "force")
+
+    def skip(why):
+        if force:
+            raise RuntimeError(f"MEGAPEER_BUILD_EXT={mode} but {why}")
+        print(f"megapeer: {why}: skipping the CUDA extension")
+        return [], {}
+
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
-        if mode in ("1", "force"):
-            raise RuntimeError("MEGAPEER_BUILD_EXT=1 but torch is not importable")
-        return [], {}
+        return skip("torch is not importable")
     if torch.version.cuda is None or CUDA_HOME is None:
-        if mode in ("1", "force"):
-            raise RuntimeError("MEGAPEER_BUILD_EXT=1 needs a CUDA build of torch and nvcc")
-        print("megapeer: CPU torch or no nvcc: skipping the CUDA extension")
-        return [], {}
-    sources = sorted(glob.glob("csrc/peer/*.cpp") + glob.glob("csrc/peer/*.cu"))
+        return skip("torch is a CPU build or nvcc was not found")
+    cutlass_inc = _cutlass_include()
+    if not cutlass_inc:   # importing cutlass_library can fail on its own Python deps; find it instead
+        import importlib.util
+        spec = importlib.util.find_spec("cutlass_library")
+        inc = os.environ.get("MEGAPEER_CUTLASS_INCLUDE") or (
+            os.path.join(list(spec.submodule_search_locations)[0], "source", "include") if spec else "")
+        cutlass_inc = [inc] if inc and os.path.isdir(os.path.join(inc, "cute")) else []
+    if not cutlass_inc:
+        return skip("the CUTLASS/CuTe headers (pip install nvidia-cutlass) were not found")
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(glob.glob(os.path.join(here, "csrc/peer/*.cpp")) + glob.glob(os.path.join(here, "csrc/peer/*.cu")))
+    sources = [os.path.relpath(s, here) for s in sources]
     if not sources:
-        return [], {}
-    archs = os.environ.get("MEGAPEER_CUDA_ARCHS", "90a").split(";")
-    gencode = []
-    for a in archs:
-        gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]
+        return skip("csrc/peer has no sources")
+    archs = [a.strip() for a in os.environ.get("MEGAPEER_CUDA_ARCHS", "90a").replace(",", ";").split(";") if a.strip()]
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    archs_define = "-DMEGAPEER_CUDA_ARCHS_LIST=" + "_".join(archs)   # stringized in peer_binding.cpp
     ext = CUDAExtension(
         name="megapeer._C",
         sources=sources,
-        include_dirs=[os.path.abspath("csrc")] + _cutlass_include(),
+        include_dirs=[os.path.join(here, "csrc"), os.path.join(here, "csrc/peer")] + cutlass_inc,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            "cxx": ["-O3", "-std=c++17", archs_define],
             "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-                     "-U__CUDA_NO_HALF_CONVERSIONS__"] + gencode,
+                     "-U__CUDA_NO_HALF_CONVERSIONS__", archs_define] + gencode,
         },
     )
     return [ext], {"build_ext": BuildExtension}

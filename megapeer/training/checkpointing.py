@@ -219,6 +219,12 @@ def save_checkpoint(ckpt_root, iteration, chunks, optimizer, scheduler, train_st
     sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False)
     sd["rng"] = _rng_object()
     dist_checkpointing.save(sd, it_dir)
+    if os.environ.get("MEGAPEER_FAULT_KILL_IN_SAVE") == str(iteration):
+        import signal  # test hook: die between writing the tensors and the metadata,
+        import psutil  # like a node going down (helper processes included)
+        for child in psutil.Process().children(recursive=True):
+            child.kill()
+        os.kill(os.getpid(), signal.SIGKILL)
     torch.distributed.barrier()
     if rank == 0:
         state = dict(train_state, iteration=iteration, layout=_layout(),

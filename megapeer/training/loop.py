@@ -193,7 +193,7 @@ def train(cfg):
                 "tokens_per_s": tps, "step_time_s": dt,
                 "mfu": (flops_tok * tps / (world * peak)) if peak else None,
                 "tokens": it * tokens_per_step, "skipped_steps": state["skipped_steps"],
-                "memory_gib": memory_gib()})
+                "mem_gib": memory_gib()})
             window_t0, window_steps = time.time(), 0
         if peers and cfg.logging.expert_usage_interval > 0 and \
                 it % cfg.logging.expert_usage_interval == 0:

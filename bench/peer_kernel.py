@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""Benchmark PEER's expert step: plain PyTorch reference vs the fused CUDA kernels.
+
+    python3 bench/peer_kernel.py [--sizes small,large] [--json out.json]
+
+For each size: forward and forward+backward of
+    out = sum_{h,k} softmax(scores)[t,h,k] * gelu(U[idx] . x[t]) * V[idx]
+in bf16 (leaves x, scores, U, V; every gradient computed), timed with CUDA events
+(median of --reps after --warmup), tokens/s, achieved GB/s next to a
+device-to-device copy measured in the same run, and peak memory. Then the fused
+algorithm variants and a per-op breakdown.
+
+Memory floor ("each table row read once per pass"): forward reads every used row
+of U and of V once plus x, writes out; backward reads the used rows of U and V
+once more, writes the dense grad_U and grad_V once, and reads/writes the [T, d]
+activations and gradients. floor time = floor bytes / copy bandwidth (bytes read +
+written per second by a large device-to-device copy).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from megapeer.ops import peer_cuda, peer_ref  # noqa: E402
+
+SIZES = {
+    # name: (tokens T, hidden d, experts N, heads h, top-k k)
+    "small": (8192, 1024, 512 ** 2, 8, 16),
+    "large": (16384, 1024, 1024 ** 2, 8, 16),
+    "tiny": (256, 128, 64 ** 2, 4, 8),   # smoke test
+}
+GiB = 1024 ** 3
+
+
+def timeit(fn, warmup, reps, setup=None):
+    """Median milliseconds of fn() (CUDA events on GPU, wall clock on CPU)."""
+    cuda = torch.cuda.is_available()
+    times = []
+    for i in range(warmup + reps):
+        if setup is not None:
+            setup()
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ms = a.elapsed_time(b)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(ms)
+    return statistics.median(times), min(times), max(times)
+
+
+def copy_bandwidth(nbytes=2 * GiB, reps=10):
+    """Bytes read + written per second by a device-to-device copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms, _, _ = timeit(lambda: dst.copy_(src), 3, reps)
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3)
+
+
+class Problem:
+    def __init__(self, size, dtype, device, seed=0):
+        T, d, N, h, k = SIZES[size]
+        self.size, self.T, self.d, self.N, self.h, self.k = size, T, d, N, h, k
+        g = torch.Generator(device=device).manual_seed(seed)
+        self.idx = torch.randint(0, N, (T, h, k), device=device, generator=g)
+        self.x = torch.randn(T, d, device=device, generator=g).to(dtype).requires_grad_()
+        self.scores = torch.randn(T, h, k, device=device, generator=g).to(dtype).requires_grad_()
+        self.U = (torch.randn(N, d, device=device, generator=g) * d ** -0.5).to(dtype).requires_grad_()
+        self.V = (torch.randn(N, d, device=device, generator=g) * d ** -0.5).to(dtype).requires_grad_()
+        self.go = torch.randn(T, d, device=device, generator=g).to(dtype)
+        self.leaves = [self.x, self.scores, self.U, self.V]
+        self.esize = self.x.element_size()
+        self.used = int(torch.unique(self.idx).numel())
+
+    def clear(self):
+        for t in self.leaves:
+            t.grad = None
+
+    def forward(self, mod):
+        return mod.peer_experts(self.x, self.idx, self.scores.softmax(-1), self.U, self.V, F.gelu)
+
+    def step(self, mod):
+        self.forward(mod).backward(self.go)
+
+    # floors, in bytes
+    def floor_fwd(self):
+        e, T, d = self.esize, self.T, self.d
+        tables = 2 * self.used * d * e                  # used rows of U and V, once each
+        acts = 2 * T * d * e                            # x read, out written
+        small = 2 * self.idx.numel() * 8 + 4 * self.idx.numel() * e
+        return tables + acts + small
+
+    def floor_bwd(self):
+        e, T, d, N = self.esize, self.T, self.d, self.N
+        tables = 2 * self.used * d * e + 2 * N * d * e  # used rows of U, V read; grad_U, grad_V written
+        acts = 3 * T * d * e                            # grad_out, x read; grad_x written
+        small = 2 * self.idx.numel() * 8 + 6 * self.idx.numel() * e
+        return tables + acts + small
+
+    def table_bytes(self):
+        return 2 * self.N * self.d * self.esize
+
+
+def measure_step(p, mod, warmup, reps):
+    fwd = timeit(lambda: p.forward(mod), warmup, reps, setup=p.clear)
+    both = timeit(lambda: p.step(mod), warmup, reps, setup=p.clear)
+    peak = base = 0
+    if torch.cuda.is_available():
+        p.clear()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        p.step(mod)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    p.clear()
+    return {"fwd_ms": fwd[0], "fwd_min_ms": fwd[1], "fwdbwd_ms": both[0], "fwdbwd_min_ms": both[1],
+            "peak_gib": peak / GiB, "base_gib": base / GiB,
+            # beyond inputs and the dense table gradients every method must produce
+            "transient_gib": (peak - base - p.table_bytes()) / GiB if peak else 0.0}
+
+
+def breakdown(p, warmup, reps, copy_bw):
+    """Each fused op alone (bf16), with its own floor."""
+    ext = peer_cuda._ext()
+    x, U, V, idx = p.x.detach(), p.U.detach(), p.V.detach(), p.idx
+    T, d, N, e = p.T, p.d, p.N, p.esize
+    w = torch.randn(*idx.shape, 1, device=x.device).to(x.dtype)
+    rows = p.used * d * e
+    act = T * d * e
+    grad = N * d * e
+    chunk = peer_cuda._settings.chunk
+    def prefetch(flag, fn):   # MEGAPEER_PEER_PREFETCH for one call (unset: per-kernel default)
+        def run():
+            os.environ["MEGAPEER_PEER_PREFETCH"] = flag
+            try:
+                return fn()
+            finally:
+                os.environ.pop("MEGAPEER_PEER_PREFETCH", None)
+        return run
+
+    ops = {
+        "sort pairs by expert": (lambda: ext.sort_pairs(idx, N, chunk), idx.numel() * 8 * 2),
+        "gather_dot token-major": (lambda: ext.gather_dot(x, idx, U, 1, 0, chunk), rows + act),
+        "gather_dot expert-major (incl. sort)": (lambda: ext.gather_dot(x, idx, U, 1, 1, chunk), rows + act),
+        "gather_dot expert-major, no prefetch": (prefetch("0", lambda: ext.gather_dot(x, idx, U, 1, 1, chunk)),
+                                                 rows + act),
+        "gather_axpy token-major": (lambda: ext.gather_axpy(w, idx, V, 1), rows + act),
+        "grad_U: scatter sorted (incl. sort)": (lambda: ext.expert_scatter(w, idx, x, None, N, 1, 0, chunk), grad + act),
+        "grad_U: scatter atomic (incl. zero fill)": (lambda: ext.expert_scatter(w, idx, x, None, N, 1, 1, chunk), grad + act),
+        "grad_U: scatter atomic, bf16 atomics": (lambda: ext.expert_scatter(w, idx, x, None, N, 1, 2, chunk), grad + act),
+        "grad_V+grad_w: sorted, fused dot": (lambda: ext.expert_scatter(w, idx, x, V, N, 1, 0, chunk), rows + grad + act),
+        "grad_V+grad_w: sorted, fused dot, prefetch": (prefetch("1", lambda: ext.expert_scatter(w, idx, x, V, N, 1, 0, chunk)),
+                                                        rows + grad + act),
+        "grad_V+grad_w: atomic, fused dot": (lambda: ext.expert_scatter(w, idx, x, V, N, 1, 1, chunk), rows + grad + act),
+    }
+    out = {}
+    # accuracy of the table-gradient variants against fp32 math on the same bf16 inputs
+    ref = ext.expert_scatter(w.float(), idx, x.float(), None, N, 1, 0, chunk)[0]
+    for algo, name in ((0, "sorted"), (1, "atomic"), (2, "atomic_native")):
+        g = ext.expert_scatter(w, idx, x, None, N, 1, algo, chunk)[0].float()
+        out[f"grad_U rel. error vs fp32, {name}"] = ((g - ref).norm() / ref.norm()).item()
+        del g
+    del ref
+    torch.cuda.empty_cache()
+    for name, (fn, floor_bytes) in ops.items():
+        ms = timeit(fn, warmup, reps)[0]
+        out[name] = {"ms": ms, "floor_bytes": floor_bytes, "gbs": floor_bytes / (ms * 1e-3) / 1e9,
+                     "x_floor": ms / (floor_bytes / copy_bw * 1e3)}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="small,large")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--ref-reps", type=int, default=10)
+    ap.add_argument("--no-variants", action="store_true")
+    ap.add_argument("--no-breakdown", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16
+    fused_ok, why = peer_cuda.available()
+    info = {"card": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "command": " ".join(["python3"] + sys.argv),
+            "fused": why, "algorithms": peer_cuda.get_algorithms()}
+    print(f"# card: {info['card']}  torch {info['torch']}  date {info['date']}")
+    print(f"# fused path: {why}")
+    copy_bw = copy_bandwidth() if cuda else float("nan")
+    info["copy_GBps"] = copy_bw / 1e9
+    print(f"# device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    results = {"info": info, "sizes": {}}
+    rows = []
+    for size in args.sizes.split(","):
+        p = Problem(size, dtype, device)
+        T, d, N, h, k = SIZES[size]
+        floor_fwd, floor_both = p.floor_fwd(), p.floor_fwd() + p.floor_bwd()
+        res = {"shape": dict(T=T, d=d, N=N, h=h, k=k), "used_experts": p.used,
+               "floor_fwd_bytes": floor_fwd, "floor_fwdbwd_bytes": floor_both,
+               "floor_fwd_ms": floor_fwd / copy_bw * 1e3, "floor_fwdbwd_ms": floor_both / copy_bw * 1e3}
+        res["reference"] = measure_step(p, peer_ref, 2, args.ref_reps)
+        rows.append((size, "reference", res["reference"], floor_fwd, floor_both, T))
+        if fused_ok:
+            res["fused"] = measure_step(p, peer_cuda, args.warmup, args.reps)
+            rows.append((size, "fused " + "/".join(str(v) for v in list(peer_cuda.get_algorithms().values())[:2]),
+                         res["fused"], floor_fwd, floor_both, T))
+            if not args.no_variants:
+                res["variants"] = {}
+                st = peer_cuda._settings
+                saved = (st.dot, st.scatter)
+                for dot, scatter, flag in (("token", "sorted", ""), ("token", "sorted", "0"), ("token", "sorted", "1"),
+                                           ("expert", "sorted", ""), ("token", "atomic", "")):
+                    peer_cuda.set_algorithms(dot=dot, scatter=scatter)
+                    os.environ["MEGAPEER_PEER_PREFETCH"] = flag
+                    r = measure_step(p, peer_cuda, args.warmup, args.reps)
+                    label = {"": "", "0": "/no-prefetch", "1": "/prefetch-all"}[flag]
+                    res["variants"][f"{dot}/{scatter}{label}"] = r
+                os.environ.pop("MEGAPEER_PEER_PREFETCH", None)
+                st.dot, st.scatter = saved
+            if not args.no_breakdown:
+                res["breakdown"] = breakdown(p, args.warmup, args.reps, copy_bw)
+        results["sizes"][size] = res
+        del p
+        if cuda:
+            torch.cuda.empty_cache()
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+    # ---- summary (printed last) ----
+    for size, res in results["sizes"].items():
+        if "breakdown" in res:
+            print(f"\n## {size}: fused ops alone (bf16), effective GB/s = floor bytes / time")
+            for name, r in res["breakdown"].items():
+                if not isinstance(r, dict):
+                    print(f"  {name:48s} {r:.2e}")
+                    continue
+                print(f"  {name:48s} {r['ms']:7.3f} ms  {r['gbs']:7.0f} GB/s  {r['x_floor']:5.2f}x floor")
+        if "variants" in res:
+            print(f"\n## {size}: fused variants (dot/scatter)")
+            for name, r in res["variants"].items():
+                print(f"  {name:28s} fwd {r['fwd_ms']:7.3f} ms  fwd+bwd {r['fwdbwd_ms']:7.3f} ms  "
+                      f"peak {r['peak_gib']:6.2f} GiB")
+    print(f"\n## {info['card']}, {info['date']}, copy {copy_bw / 1e9:.0f} GB/s; bf16; GB/s = floor bytes / time")
+    print(f"{'size':6s} {'path':22s} {'fwd ms':>8s} {'fwd+bwd ms':>10s} {'Mtok/s':>7s} {'GB/s':>6s} "
+          f"{'x floor':>7s} {'peak GiB':>8s} {'extra GiB':>9s}")
+    for size, name, r, ff, fb, T in rows:
+        gbs = fb / (r["fwdbwd_ms"] * 1e-3) / 1e9
+        xf = r["fwdbwd_ms"] / (fb / copy_bw * 1e3)
+        print(f"{size:6s} {name:22s} {r['fwd_ms']:8.3f} {r['fwdbwd_ms']:10.3f} {T / r['fwdbwd_ms'] / 1e3:7.2f} "
+              f"{gbs:6.0f} {xf:7.2f} {r['peak_gib']:8.2f} {r['transient_gib']:9.2f}")
+    for size, res in results["sizes"].items():
+        if "fused" in res:
+            ref, fu = res["reference"], res["fused"]
+            print(f"{size}: fused/reference speed-up fwd {ref['fwd_ms'] / fu['fwd_ms']:.1f}x, "
+                  f"fwd+bwd {ref['fwdbwd_ms'] / fu['fwdbwd_ms']:.1f}x; peak {fu['peak_gib']:.2f} vs "
+                  f"{ref['peak_gib']:.2f} GiB ({fu['peak_gib'] / ref['peak_gib']:.2f}); floor fwd+bwd "
+                  f"{res['floor_fwdbwd_ms']:.3f} ms, fused at {fu['fwdbwd_ms'] / res['floor_fwdbwd_ms']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""Fused PEER ops (megapeer/ops/peer_cuda.py, csrc/peer) against the reference (peer_ref.py).
+
+CPU part (always runs): the torch.library registration (opcheck: schema, fake
+impl, autograd registration, AOT dispatch) and the autograd formulas, through the
+ops' CPU implementations, against autograd of the reference.
+
+GPU part (skipped without CUDA or without the built extension): forward and every
+gradient on fresh random inputs against an fp64 reference; bf16 within twice the
+plain PyTorch bf16 error, fp32 tight; awkward shapes; bitwise repeatability of the
+deterministic mode.
+"""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megapeer.ops import dispatch, peer_cuda, peer_ref
+
+# ---------------------------------------------------------------------------
+# CPU: registration and autograd formulas
+
+
+def _cpu_case(T=6, h=2, k=3, N=7, d=5, m=2, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d, dtype=dtype, generator=g)
+    idx = torch.randint(0, N, (T, h, k), generator=g)
+    U = torch.randn(N * m, d, dtype=dtype, generator=g)
+    V = torch.randn(N * m, d, dtype=dtype, generator=g)
+    w = torch.randn(T, h, k, m, dtype=dtype, generator=g)
+    return x, idx, U, V, w
+
+
+def test_opcheck_cpu():
+    from torch.library import opcheck
+    x, idx, U, V, w = _cpu_case(dtype=torch.float32)
+    m = 2
+    opcheck(torch.ops.megapeer.gather_dot.default, (x.requires_grad_(), idx, U.requires_grad_(), m, 0, 4))
+    opcheck(torch.ops.megapeer.gather_axpy.default, (w.requires_grad_(), idx, V.requires_grad_(), m))
+    for tab in (V.detach(), None):
+        opcheck(torch.ops.megapeer.expert_scatter.default, (w.detach(), idx, x.detach(), tab, U.shape[0], m, 0, 4))
+
+
+@pytest.mark.parametrize("need", ["all", "w_only", "V_only"])
+def test_autograd_formulas_cpu_match_reference(need):
+    x, idx, U, V, w = _cpu_case()
+    m = 2
+    req = {"all": (True, True), "w_only": (True, False), "V_only": (False, True)}[need]
+    x.requires_grad_(req[0]); U.requires_grad_(req[1]); w.requires_grad_(req[0]); V.requires_grad_(req[1])
+    leaves = [t for t in (x, U, w, V) if t.requires_grad]
+    gs = torch.randn(*idx.shape, m, dtype=x.dtype)
+    go = torch.randn(x.shape[0], V.shape[1], dtype=x.dtype)
+
+    def grads(mod):
+        s = mod.gather_dot(x, idx, U, m)
+        out = mod.gather_axpy(w, idx, V, m)
+        return (s, out) + torch.autograd.grad((s, out), leaves, (gs, go))
+
+    for a, b in zip(grads(peer_ref), grads(peer_cuda)):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x_, U_: peer_cuda.gather_dot(x_, idx, U_, m),
+                                    (x.detach().requires_grad_(), U.detach().requires_grad_()))
+    assert torch.autograd.gradcheck(lambda w_, V_: peer_cuda.gather_axpy(w_, idx, V_, m),
+                                    (w.detach().requires_grad_(), V.detach().requires_grad_()))
+
+
+def test_dispatch_on_cpu_uses_reference():
+    x, idx, U, V, w = _cpu_case(dtype=torch.float32)
+    torch.testing.assert_close(dispatch.gather_dot(x, idx, U, 2), peer_ref.gather_dot(x, idx, U, 2))
+    torch.testing.assert_close(dispatch.gather_axpy(w, idx, V, 2, mode="reference"), peer_ref.gather_axpy(w, idx, V, 2))
+    if not torch.cuda.is_available():
+        ok, why = dispatch.kernel_status()
+        assert not ok and "CUDA" in why
+        with pytest.raises(RuntimeError, match="fused"):
+            dispatch.gather_dot(x, idx, U, 2, mode="fused")
+    with pytest.raises(ValueError):
+        dispatch.gather_dot(x, idx, U, 2, mode="fast")
+
+
+def test_algorithm_settings():
+    st = peer_cuda._settings
+    saved = (st.dot, st.scatter, st.chunk, st.deterministic)
+    try:
+        peer_cuda.set_algorithms(dot="token", scatter="atomic", chunk=8)
+        assert peer_cuda.get_algorithms()["scatter"] == "atomic"
+        peer_cuda.set_deterministic(True)
+        assert peer_cuda.get_algorithms()["scatter"] == "sorted"
+        with pytest.raises(ValueError):
+            peer_cuda.set_algorithms(dot="bogus")
+    finally:
+        st.dot, st.scatter, st.chunk, st.deterministic = saved
+
+
+# ---------------------------------------------------------------------------
+# GPU
+
+
+def _fused_ok():
+    try:
+        return peer_cuda.available()
+    except Exception as e:  # pragma: no cover
+        return False, str(e)
+
+
+_OK, _WHY = _fused_ok()
+gpu = pytest.mark.skipif(not _OK, reason=f"fused PEER kernels unavailable: {_WHY}")
+
+
+@contextlib.contextmanager
+def algorithms(dot=None, scatter=None, chunk=None, deterministic=False):
+    st = peer_cuda._settings
+    saved = (st.dot, st.scatter, st.chunk, st.deterministic)
+    peer_cuda.set_algorithms(dot=dot, scatter=scatter, chunk=chunk)
+    peer_cuda.set_deterministic(deterministic)
+    try:
+        yield
+    finally:
+        st.dot, st.scatter, st.chunk, st.deterministic = saved
+
+
+@pytest.fixture(autouse=True)
+def _poison_allocator():
+    """Leave NaNs in the caching allocator's free blocks: an unwritten output shows up."""
+    if torch.cuda.is_available():
+        junk = torch.full((64 << 20,), float("nan"), device="cuda")
+        del junk
+    yield
+
+
+def _relerr(a, ref):
+    a, ref = a.double(), ref.double()
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _make(T, h, k, N, d, m, dtype, idx=None, seed=None, table_view=False):
+    g = torch.Generator(device="cuda")
+    g.seed() if seed is None else g.manual_seed(seed)
+    dev = "cuda"
+    if idx is None:
+        idx = torch.randint(0, N, (T, h, k), device=dev, generator=g)
+    x = torch.randn(T, d, device=dev, generator=g)
+    if table_view:   # a d-slice of a wider table, as under tensor parallelism (row stride != d)
+        U = torch.randn(N * m, d + 64, device=dev, generator=g)[:, 32:32 + d]
+        V = torch.randn(N * m, d + 64, device=dev, generator=g)[:, 32:32 + d]
+    else:
+        U = torch.randn(N * m, d, device=dev, generator=g)
+        V = torch.randn(N * m, d, device=dev, generator=g)
+    w = torch.randn(T, h, k, m, device=dev, generator=g)
+    gs = torch.randn(T, h, k, m, device=dev, generator=g)
+    go = torch.randn(T, d, device=dev, generator=g)
+    return dict(x=x, idx=idx, U=U, V=V, w=w, gs=gs, go=go)
+
+
+def _run(mod, c, dtype, m):
+    x = c["x"].to(dtype).requires_grad_()
+    U = c["U"].to(dtype).requires_grad_()
+    w = c["w"].to(dtype).requires_grad_()
+    V = c["V"].to(dtype).requires_grad_()
+    s = mod.gather_dot(x, c["idx"], U, m)
+    out = mod.gather_axpy(w, c["idx"], V, m)
+    gx, gU, gw, gV = torch.autograd.grad((s, out), (x, U, w, V), (c["gs"].to(dtype), c["go"].to(dtype)))
+    return {"s": s, "out": out, "grad_x": gx, "grad_U": gU, "grad_w": gw, "grad_V": gV}
+
+
+def _check(c, dtype, m):
+    ref = _run(peer_ref, c, torch.float64, m)
+    got = _run(peer_cuda, c, dtype, m)
+    base = _run(peer_ref, c, dtype, m) if dtype != torch.float32 else None
+    for name in ref:
+        assert got[name].dtype == dtype and got[name].shape == ref[name].shape, name
+        assert torch.isfinite(got[name]).all(), f"{name}: non-finite (unwritten?)"
+        err = _relerr(got[name], ref[name])
+        if dtype == torch.float32:
+            assert err < 2e-5, f"{name}: fp32 relative error {err:.2e}"
+        else:
+            plain = _relerr(base[name], ref[name])
+            assert err <= 2 * plain + 1e-6, f"{name}: bf16 error {err:.2e} vs plain PyTorch bf16 {plain:.2e}"
+
+
+ALGOS = [("token", "sorted"), ("expert", "sorted"), ("expert", "atomic"), ("token", "atomic")]
+
+
+@pytest.fixture(params=["default", "prefetch", "no-prefetch"])
+def walk_variant(request, monkeypatch):
+    """The table-row strategies of the expert-major walk (MEGAPEER_PEER_PREFETCH)."""
+    if request.param == "default":
+        monkeypatch.delenv("MEGAPEER_PEER_PREFETCH", raising=False)
+    else:
+        monkeypatch.setenv("MEGAPEER_PEER_PREFETCH", "1" if request.param == "prefetch" else "0")
+    return request.param
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dot,scatter", ALGOS, ids=[f"{a}-{b}" for a, b in ALGOS])
+def test_fused_matches_reference(dtype, dot, scatter, walk_variant):
+    # T not a multiple of the 8 tokens a block handles; d = 1024 (one slice of 4 x 16 B per lane)
+    c = _make(T=301, h=4, k=8, N=1024, d=1024, m=1, dtype=dtype)
+    with algorithms(dot=dot, scatter=scatter):
+        _check(c, dtype, 1)
+
+
+SHAPES = {
+    "m2_d192": dict(T=97, h=2, k=4, N=64, d=192, m=2),          # expert hidden size 2, NV=1
+    "d2304_slices": dict(T=67, h=2, k=4, N=300, d=2304, m=1),   # several d-slices: partial sums
+    "d100_scalar": dict(T=45, h=3, k=5, N=50, d=100, m=1),      # d not a multiple of 8: scalar path
+    "d24_tiny": dict(T=9, h=1, k=3, N=5, d=24, m=3),
+    "T1": dict(T=1, h=8, k=16, N=4096, d=512, m=1),
+}
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("dot,scatter", [("expert", "sorted"), ("token", "atomic")], ids=["expert-sorted", "token-atomic"])
+def test_awkward_shapes(dtype, shape, dot, scatter, walk_variant):
+    c = _make(dtype=dtype, **SHAPES[shape])
+    with algorithms(dot=dot, scatter=scatter):
+        _check(c, dtype, SHAPES[shape]["m"])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_table_slice_with_row_stride(dtype):
+    c = _make(T=64, h=2, k=4, N=128, d=256, m=1, dtype=dtype, table_view=True)
+    _check(c, dtype, 1)
+
+
+def _skewed_idx(T, h, k, N, hot=3, frac=0.6, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    idx = torch.randint(0, N, (T, h, k), device="cuda", generator=g)
+    hot_mask = torch.rand(T, h, k, device="cuda", generator=g) < frac
+    idx[hot_mask] = hot
+    idx[:, :, 0] = 11          # every head of every token also shares expert 11
+    return idx
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("chunk", [256, 7])
+def test_experts_chosen_by_many_tokens_and_heads(dtype, chunk, walk_variant):
+    T, h, k, N, d = 200, 4, 8, 97, 256
+    c = _make(T=T, h=h, k=k, N=N, d=d, m=1, dtype=dtype, idx=_skewed_idx(T, h, k, N))
+    for dot, scatter in (("expert", "sorted"), ("token", "atomic")):
+        with algorithms(dot=dot, scatter=scatter, chunk=chunk):
+            _check(c, dtype, 1)
+
+
+@gpu
+def test_sort_pairs_is_stable_argsort():
+    ext = peer_cuda._ext()
+    N = 1000
+    idx = _skewed_idx(64, 4, 8, N)
+    perm, offsets = ext.sort_pairs(idx, N, 16)
+    flat = idx.flatten()
+    expect = torch.sort(flat, stable=True).indices
+    assert torch.equal(perm.long(), expect)
+    assert torch.equal(offsets.long(), torch.searchsorted(flat.sort().values, torch.arange(N + 1, device="cuda")))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_deterministic_mode_is_bitwise_repeatable(dtype, walk_variant):
+    T, h, k, N, d = 512, 8, 16, 2048, 512
+    c = _make(T=T, h=h, k=k, N=N, d=d, m=1, dtype=dtype, idx=_skewed_idx(T, h, k, N, frac=0.3))
+    with algorithms(scatter="atomic", chunk=64, deterministic=True):
+        assert peer_cuda.get_algorithms()["scatter"] == "sorted"
+        runs = [_run(peer_cuda, c, dtype, 1) for _ in range(3)]
+    for name in runs[0]:
+        for r in runs[1:]:
+            assert torch.equal(r[name], runs[0][name]), f"{name} differs between runs"
+
+
+@gpu
+def test_torch_deterministic_flag_selects_sorted():
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        with algorithms(scatter="atomic"):
+            torch.use_deterministic_algorithms(True)
+            assert peer_cuda.get_algorithms()["scatter"] == "sorted"
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@gpu
+def test_peer_experts_end_to_end_bf16():
+    T, h, k, N, d = 256, 8, 16, 4096, 512
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(T, d, device="cuda", generator=g)
+    idx = torch.randint(0, N, (T, h, k), device="cuda", generator=g)
+    scores = torch.randn(T, h, k, device="cuda", generator=g)
+    U = torch.randn(N, d, device="cuda", generator=g) * d ** -0.5
+    V = torch.randn(N, d, device="cuda", generator=g)
+    go = torch.randn(T, d, device="cuda", generator=g)
+
+    def run(mod, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, scores, U, V)]
+        xx, sc, UU, VV = leaves
+        out = mod.peer_experts(xx, idx, sc.softmax(-1), UU, VV, F.gelu)
+        return [out] + list(torch.autograd.grad(out, leaves, go.to(dtype)))
+
+    ref = run(peer_ref, torch.float64)
+    got = run(peer_cuda, torch.bfloat16)
+    plain = run(peer_ref, torch.bfloat16)
+    for name, a, b, r in zip(["out", "x", "scores", "U", "V"], got, plain, ref):
+        assert _relerr(a, r) <= 2 * _relerr(b, r) + 1e-6, name
+
+
+@gpu
+def test_dispatch_picks_fused_on_cuda():
+    ok, why = dispatch.kernel_status()
+    assert ok, why
+    c = _make(T=16, h=2, k=4, N=32, d=64, m=1, dtype=torch.bfloat16)
+    x, U = c["x"].bfloat16(), c["U"].bfloat16()
+    torch.testing.assert_close(dispatch.gather_dot(x, c["idx"], U, 1, mode="fused"),
+                               peer_ref.gather_dot(x, c["idx"], U, 1), rtol=2e-2, atol=2e-2)
+    # float16 is not a fused dtype: auto falls back, fused refuses
+    xh, Uh = c["x"].half(), c["U"].half()
+    torch.testing.assert_close(dispatch.gather_dot(xh, c["idx"], Uh, 1), peer_ref.gather_dot(xh, c["idx"], Uh, 1))
+    with pytest.raises(RuntimeError, match="bfloat16 or all float32"):
+        dispatch.gather_dot(xh, c["idx"], Uh, 1, mode="fused")
+
+
+@gpu
+def test_opcheck_cuda():
+    from torch.library import opcheck
+    c = _make(T=24, h=2, k=4, N=40, d=64, m=2, dtype=torch.float32)
+    x, U, V, w, idx = c["x"], c["U"], c["V"], c["w"], c["idx"]
+    opcheck(torch.ops.megapeer.gather_dot.default, (x.requires_grad_(), idx, U.requires_grad_(), 2, 1, 256))
+    opcheck(torch.ops.megapeer.gather_axpy.default, (w.requires_grad_(), idx, V.requires_grad_(), 2))
+    opcheck(torch.ops.megapeer.expert_scatter.default, (w.detach(), idx, x.detach(), V.detach(), V.shape[0], 2, 0, 256))
