@@ -2,7 +2,7 @@
 PY      ?= python3
 VENV    ?= .venv
 VPY     := $(VENV)/bin/python
-EXTRAS  ?= dev,data,hf,tb
+EXTRAS  ?= dev,data,hf,tb,eval
 STAMP   := $(VENV)/.megapeer-installed
 
 .PHONY: venv test test-fast demo clean check-cuda
@@ -20,7 +20,7 @@ $(STAMP): $(VPY) setup.py
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(VPY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(VPY) -m pytest -q tests
 
 demo: $(STAMP)
 	$(VPY) -m megapeer.demo

@@ -101,7 +101,7 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-timeout", "nvidia-cutlass==4.2.0.0"],
         "data": ["pyarrow"],
-        "hf": ["transformers>=4.51", "safetensors", "tokenizers"],
+        "hf": ["transformers>=5", "safetensors", "tokenizers"],
         "eval": ["lm-eval==0.4.13"],
         "tb": ["tensorboard"],
         "kernels": ["nvidia-cutlass==4.2.0.0"],

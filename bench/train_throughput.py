@@ -5,7 +5,8 @@ on random token ids (throughput does not depend on the text). MFU is measured
 against the bf16 matmul rate of this device, measured in the same run.
 
   python bench/train_throughput.py                 # GPU: ~1B dense MLA, MLA+PEER, baseline
-  python bench/train_throughput.py --tiny          # CPU smoke run of the same code
+  python bench/train_throughput.py --size 100m     # ~100M MLA+PEER, seq 2048 (foundation)
+  python bench/train_throughput.py --size tiny     # CPU smoke run of the same code
 Variants:
   megatron_local  Megatron-Core's local spec, standard attention (the baseline)
   mla_dense       megapeer MLA + dense SwiGLU (SDPA core attention)
@@ -31,6 +32,15 @@ GPU_1B = ["model.num_layers=24", "model.hidden_size=2048", "model.num_attention_
 GPU_PEER = ["model.layer_pattern=DP", "model.peer.num_experts=[64,64]",
             "model.peer.expert_hidden=16", "model.peer.heads=16", "model.peer.topk=32",
             "model.peer.key_dim=256"]
+# ~100M MLA+PEER and the 134M dense baseline of the foundation issue: seq 2048, mb 8
+GPU_100M = ["model.num_layers=12", "model.hidden_size=768", "model.num_attention_heads=12",
+            "model.ffn_hidden_size=2048", "model.vocab_size=32000", "model.seq_length=2048",
+            "model.mla.q_lora_rank=null", "model.mla.kv_lora_rank=256",
+            "model.mla.qk_head_dim=64", "model.mla.qk_pos_emb_head_dim=32",
+            "model.mla.v_head_dim=64", "training.micro_batch_size=8",
+            "training.global_batch_size=8", "training.precision=bf16"]
+GPU_100M_PEER = ["model.layer_pattern=DP", "model.peer.num_experts=[256,256]",
+                 "model.peer.heads=8", "model.peer.topk=16", "model.peer.key_dim=128"]
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
         "model.ffn_hidden_size=192", "model.vocab_size=512", "model.seq_length=64",
         "training.micro_batch_size=2", "training.global_batch_size=2",
@@ -154,7 +164,9 @@ def run_variant(name, overrides, steps, warmup):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true", help="small sizes (CPU smoke run)")
+    ap.add_argument("--size", default="1b", choices=["1b", "100m", "tiny"],
+                    help="1b: ~1B dense MLA vs PEER at equal active FLOPs, seq 4096; 100m: "
+                         "~100M MLA+PEER, seq 2048, mb 8; tiny: CPU smoke run")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--variants", default="megatron_local,mla_dense,mla_peer")
@@ -162,7 +174,8 @@ def main():
     args = ap.parse_args()
     from megapeer.parallel import init_distributed
     init_distributed()
-    base, peer = (TINY, TINY_PEER) if args.tiny else (GPU_1B, GPU_PEER)
+    base, peer = {"1b": (GPU_1B, GPU_PEER), "100m": (GPU_100M, GPU_100M_PEER),
+                  "tiny": (TINY, TINY_PEER)}[args.size]
     rate = matmul_tflops(torch.bfloat16)
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     rows = []

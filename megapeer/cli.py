@@ -6,6 +6,9 @@ USAGE = """usage: megapeer <command> [args]
 commands:
   train   pretrain from a YAML config (megapeer train --config X.yaml [key=value ...])
   eval    perplexity and lm-eval-harness benchmarks (megapeer eval --help)
+  export  checkpoint -> Hugging Face folder (same as tools/convert_to_hf.py)
+  import  Hugging Face folder -> checkpoint (same as tools/convert_from_hf.py)
+  sample  generate text from a checkpoint or an export (megapeer sample --help)
   info    versions, devices and which attention / PEER kernel paths are active
   demo    the README demo: corpus, tokenizer, tiny MLA+PEER model on CPU, eval, export, sample
 """
@@ -45,6 +48,9 @@ def main(argv=None) -> int:
     if cmd == "eval":
         from .eval.cli import main as eval_main
         return eval_main(rest)
+    if cmd in ("export", "import", "sample"):
+        from .convert import cli as convert_cli
+        return getattr(convert_cli, f"{cmd}_main")(rest)
     if cmd == "info":
         return info()
     if cmd == "demo":

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from ..parallel import cpu_shims
@@ -112,6 +113,11 @@ def build_model_chunks(cfg, tcfg=None) -> list:
         _fix_mla_tp_grads(model)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
+        if tcfg.bf16:
+            # As Megatron-LM does: every parameter in bf16 (norms included), inputs cast
+            # on the first stage and logits returned in fp32. Without it the optimizer
+            # holds mixed bf16/fp32 groups whose checkpoint state Megatron misaligns.
+            model = Float16Module(tcfg, model)
         chunks.append(model)
     return chunks
 

@@ -31,6 +31,13 @@ class _KnownMLPFilter(logging.Filter):
 
 logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_KnownMLPFilter())
 
+# Megatron-Core 0.16.1's MLA module can believe Transformer Engine is present when it
+# is not (its import guard succeeds partially) and then fails at build time with an
+# isinstance TypeError, on CPU and GPU alike.
+if not transformer_engine_available():
+    from megatron.core.transformer import multi_latent_attention as _mla
+    _mla.HAVE_TE = False
+
 
 def attention_backend(model_cfg) -> str:
     """'te' or 'local' (SDPA), from model.attention_backend and what is importable."""

@@ -156,11 +156,6 @@ def _patch_megatron():
         if not isinstance(mod.torch, _CpuTorch):
             mod.torch = _CpuTorch(torch)
 
-    # 0.16.1 imports TE's pieces behind a try that can succeed partially.
-    from megatron.core.transformer import multi_latent_attention as mla
-    if not transformer_engine_available():
-        mla.HAVE_TE = False
-
 
 def transformer_engine_available() -> bool:
     try:

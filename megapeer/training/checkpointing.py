@@ -258,6 +258,10 @@ def load_checkpoint(it_dir, chunks, optimizer, scheduler):
     import json
     with open(os.path.join(it_dir, STATE_NAME)) as f:
         state = json.load(f)
+    if state.get("model_only"):  # e.g. imported from Hugging Face: weights only
+        load_model(chunks, it_dir)
+        state["rng_restored"] = False
+        return state
     model_sd = model_sharded_state_dict(chunks)
     sd = dict(model_sd)
     sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)

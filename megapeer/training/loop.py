@@ -105,9 +105,18 @@ def train(cfg):
 
     tcfg = transformer_config(m, cfg.parallel, t)
     chunks = build_model_chunks(cfg, tcfg)
-    ddp = wrap_ddp(chunks, tcfg, t.use_distributed_optimizer, t.overlap_grad_reduce)
+    dist_opt = t.use_distributed_optimizer
+    if dist_opt:
+        # Measured on an H200 and on CPU (2026-11-28): megatron-core 0.16.1 cannot save
+        # the DistributedOptimizer's state through dist_checkpointing ("ShardedTensor.
+        # flattened_range is not supported"), so a run using it could not resume.
+        log.warning("training.use_distributed_optimizer: the DistributedOptimizer's state "
+                    "cannot be checkpointed with megatron-core 0.16.1; using the standard "
+                    "(replicated) optimizer instead")
+        dist_opt = False
+    ddp = wrap_ddp(chunks, tcfg, dist_opt, t.overlap_grad_reduce)
     dtype = param_dtype(t)
-    optimizer = build_optimizer(ddp, t, dtype)
+    optimizer = build_optimizer(ddp, t, dtype, distributed=dist_opt)
     scheduler = build_scheduler(optimizer, t)
 
     state = {"iteration": 0, "consumed_train": 0, "consumed_valid": 0, "skipped_steps": 0}
@@ -115,8 +124,12 @@ def train(cfg):
     if resume_dir:
         saved = ckpt.load_checkpoint(resume_dir, ddp, optimizer, scheduler)
         state.update({k: saved[k] for k in state if k in saved})
-        log.info("resumed from %s at step %d (rng %s)", resume_dir, state["iteration"],
-                 "restored" if saved["rng_restored"] else "not restored: layout changed")
+        if saved.get("model_only"):
+            log.info("initialised weights from %s (model only: fresh optimizer and data "
+                     "stream)", resume_dir)
+        else:
+            log.info("resumed from %s at step %d (rng %s)", resume_dir, state["iteration"],
+                     "restored" if saved["rng_restored"] else "not restored: layout changed")
 
     from .expert_usage import collect_expert_usage
     from .metrics import MetricsLogger, memory_gib

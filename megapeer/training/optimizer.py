@@ -15,13 +15,14 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, Par
 _DECAY_STYLE = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}
 
 
-def build_optimizer(chunks, t, dtype):
+def build_optimizer(chunks, t, dtype, distributed=None):
     """chunks: DDP-wrapped model chunks; t: TrainingConfig."""
     cfg = OptimizerConfig(
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
         clip_grad=t.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
-        use_distributed_optimizer=t.use_distributed_optimizer,
+        use_distributed_optimizer=(t.use_distributed_optimizer if distributed is None
+                                   else distributed),
     )
     overrides = get_standard_config_overrides(cfg)
     if t.peer_weight_decay is not None and t.peer_weight_decay != t.weight_decay:

@@ -1,0 +1,1 @@
+"""Modeling code copied into every exported `megapeer` folder (see megapeer/convert/export.py)."""

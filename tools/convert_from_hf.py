@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""CLI for megapeer.convert.cli.import_main (run with --help for the flags)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megapeer.convert.cli import import_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(import_main())
