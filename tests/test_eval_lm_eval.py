@@ -22,7 +22,9 @@ CHOICE = [("def forward(self, x):", ["return x", "import os", "the fox"]),
           ("x = 1 +", ["1", "2", " y"])]
 ROLLING = ["The quick brown fox jumps over the lazy dog. The quick brown fox jumps again.",
            "import os\nimport sys\nprint(os.getcwd())", "short"]
-PROMPTS = ["def f(x):", "import", "The quick", "class A"]
+# the third prompt is longer than MAX_LEN - GEN_TOKS tokens: lm-eval cuts it on the left
+PROMPTS = ["def f(x):", "import", "The quick brown fox jumps", "class A"]
+GEN_TOKS = 8        # max_gen_toks of mp_gen
 
 
 @torch.no_grad()
@@ -47,8 +49,11 @@ def rolling_logprob(model, tokens, prefix):
 
 
 @torch.no_grad()
-def greedy(model, tok, prompt, max_new=8):
-    ids, new = tok.encode(prompt), []
+def greedy(model, tok, prompt, max_new=GEN_TOKS):
+    """generate_until under --max-length MAX_LEN, computed directly (full recompute, no
+    cache): as lm-eval's HFLM does, the prompt keeps its last MAX_LEN - max_new tokens so
+    that prompt and continuation fit the window; argmax until end-of-document or a newline."""
+    ids, new = tok.encode(prompt)[-(MAX_LEN - max_new):], []
     for _ in range(max_new):
         nxt = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
         if nxt == tok.eod:
@@ -117,11 +122,12 @@ def setup(tmp_path_factory, world1):
         doc_to_target: "{{target}}"
         generation_kwargs:
           until: ["\\n"]
-          max_gen_toks: 8
+          max_gen_toks: %d
         metric_list:
           - metric: exact_match
-        """)
+        """ % GEN_TOKS)
     assert 0 < correct < len(CHOICE)
+    assert max(len(tok.encode(p)) for p in PROMPTS) > MAX_LEN - GEN_TOKS   # cut exercised
     nbytes = sum(len(t.encode("utf-8")) for t in ROLLING)
     return {"dir": d, "args": ["--model", str(d / "hf"), "--tasks", "mp_choice,mp_rolling,mp_gen",
                                "--include-path", str(tasks), "--no-default-tasks",

@@ -31,7 +31,8 @@ VARIANTS = {
                      "model.peer.topk=5", "model.peer.activation=silu"],
     "peer_rmsnorm_yarn": ["model.peer.query_norm=rmsnorm", "model.mla.rope_type=yarn",
                           "model.mla.rotary_scaling_factor=2.0"],
-    # bf16 training (the local spec keeps RMSNorm weights in float32)
+    # bf16 training: the model is wrapped in Megatron's Float16Module (as Megatron-LM
+    # does), so every parameter, norms included, is saved in bfloat16
     "bf16": ["training.precision=bf16"],
 }
 
@@ -102,15 +103,20 @@ def test_bf16_checkpoint_keeps_its_dtypes(ckpts):
     d = ckpts["dir"]
     out = _export(ckpts, "bf16")
     w = load_file(str(out / "model.safetensors"))
-    assert w["model.layers.0.self_attn.q_a_layernorm.weight"].dtype == torch.float32
+    # Float16Module: every tensor of a bf16 checkpoint is bfloat16, norms included
+    assert {str(t.dtype) for t in w.values()} == {"torch.bfloat16"}
+    assert w["model.layers.0.self_attn.q_a_layernorm.weight"].dtype == torch.bfloat16
     assert w["model.layers.1.mlp.U"].dtype == torch.bfloat16
     model = _load(out)
     assert model.dtype == torch.bfloat16
-    assert model.model.layers[0].input_layernorm.weight.dtype == torch.float32
+    # the loaded model keeps the saved dtypes (no norm is upcast to float32)
+    sd = model.state_dict()
+    assert {k: sd[k].dtype for k in w} == {k: t.dtype for k, t in w.items()}
     torch.testing.assert_close(_logits(model).float(), ckpts["bf16"][1], rtol=0, atol=1e-5)
     import_hf(str(out), str(d / "ckpt_bf16_back"))
     export_checkpoint(str(d / "ckpt_bf16_back"), str(d / "hf_bf16_back"))
     back = load_file(str(d / "hf_bf16_back" / "model.safetensors"))
+    assert back.keys() == w.keys()
     assert all(w[k].dtype == back[k].dtype and torch.equal(w[k], back[k]) for k in w)
 
 

@@ -75,7 +75,7 @@ def write_hf_folder(output, cfg, hf_tensors, fmt, tok=None, max_shard_bytes=2 * 
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     ids = special_ids(tok) if tok is not None else {}
-    dtype = hf_tensors["model.embed_tokens.weight"].dtype    # norms may stay float32
+    dtype = hf_tensors["model.embed_tokens.weight"].dtype
     write_weights(hf_tensors, tmp, max_shard_bytes)
     hf_config_object(cfg.model, fmt, ids, dtype).save_pretrained(tmp)
     if fmt == "megapeer":

@@ -80,7 +80,7 @@ def import_hf(hf_dir, output, iteration=0, overrides=(), overwrite=False) -> str
     from ..models import build_model_chunks, padded_vocab_size
     from ..parallel import init_model_parallel
     from ..training.checkpointing import (CONFIG_NAME, LATEST, STATE_NAME, iter_name,
-                                          save_model)
+                                          save_model, unwrap)
     cfg, _ = config_from_hf_folder(hf_dir, overrides)
     tensors = read_weights(hf_dir, hf_shapes(cfg.model))
     dtype = tensors["model.embed_tokens.weight"].dtype
@@ -100,7 +100,7 @@ def import_hf(hf_dir, output, iteration=0, overrides=(), overwrite=False) -> str
     single = _single_process_copy(cfg)
     init_model_parallel(single.parallel, single.training.seed)
     chunks = build_model_chunks(single)
-    model = chunks[0]
+    model = unwrap(chunks[0])       # the GPTModel (bf16 chunks are Float16Module wrappers)
     mt = from_hf(cfg.model, tensors, padded_vocab_size(cfg.model, 1))
     own = model.state_dict()
     for k, t in mt.items():

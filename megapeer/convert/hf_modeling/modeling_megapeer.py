@@ -249,9 +249,8 @@ class MegapeerPreTrainedModel(PreTrainedModel):
     config_class = MegapeerConfig
     base_model_prefix = "model"
     _no_split_modules = ["DecoderLayer"]
-    # Megatron-Core's local-spec RMSNorm weights stay float32 in bf16 training: keep them so
-    _keep_in_fp32_modules_strict = ["input_layernorm", "post_attention_layernorm",
-                                    "q_a_layernorm", "kv_a_layernorm", "model.norm"]
+    # No _keep_in_fp32_modules: megapeer trains bf16 under Megatron's Float16Module, which
+    # keeps every parameter (norms included) in bf16, so the weights load as saved.
     supports_gradient_checkpointing = False
 
     def _init_weights(self, module):
