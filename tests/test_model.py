@@ -99,3 +99,11 @@ def test_sdpa_core_attention_matches_explicit(world1):
     scores = scores.masked_fill(torch.ones(s, s).triu(1).bool(), float("-inf"))
     ref = torch.einsum("bnst,tbnd->sbnd", scores.softmax(-1), v).reshape(s, b, n * 16)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mla_does_not_think_te_is_present():
+    """Megatron-Core 0.16.1's MLA can believe TE is importable when it is not."""
+    import megapeer.models.layer_specs  # noqa: F401  (applies the correction)
+    from megatron.core.transformer import multi_latent_attention as mla
+    from megapeer.parallel.cpu_shims import transformer_engine_available
+    assert mla.HAVE_TE == transformer_engine_available()
