@@ -169,3 +169,17 @@ def test_config_errors_name_the_problem(ranges, tmp_path):
         build_datasets(DataConfig(), 16, (10, 0, 0), TOK)
     with pytest.raises(ValueError, match="data.train_blend: weights must be positive"):
         build_datasets(DataConfig(train_blend=["0", a, "1", b]), 16, (10, 0, 0), TOK)
+
+
+def test_split_without_documents_is_an_error_not_a_hang(ranges):
+    """40 documents at 98/1/1: the test split would be empty (Megatron loops forever)."""
+    from megapeer.config import DataConfig
+    from megapeer.data import build_datasets
+    d, a, b = ranges
+    cfg = DataConfig(blend=[a], split="98,1,1")
+    with pytest.raises(ValueError, match=r"data\.split='98,1,1' gives the test split no "
+                                         r"documents of .*a \(40 documents in all\)"):
+        build_datasets(cfg, 16, (10, 10, 0), TOK)
+    train, valid, test = build_datasets(DataConfig(blend=[a], split="90,10,0"), 16,
+                                        (10, 10, 0), TOK)
+    assert len(train) >= 10 and len(valid) >= 10 and test is None

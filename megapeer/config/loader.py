@@ -121,7 +121,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
                 world_size: Optional[int] = None, validate: bool = True) -> Config:
     """Load `path` (YAML), apply `overrides` (["a.b=1", ...]) and validate.
 
-    world_size defaults to $WORLD_SIZE (or 1). Nothing here touches torch.distributed.
+    world_size defaults to $WORLD_SIZE, else $SLURM_NTASKS, else 1. Nothing here touches torch.distributed.
     """
     cfg = Config()
     if path is not None:
@@ -140,7 +140,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     if validate:
         from .validate import validate_config
         if world_size is None:
-            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         validate_config(cfg, world_size, source=path or "<defaults>")
     return cfg
 

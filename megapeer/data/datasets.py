@@ -32,6 +32,22 @@ def parse_blend(blend, what="data.blend"):
     return prefixes, weights
 
 
+def _check_split_sizes(prefixes, split, sizes):
+    """Each split with a non-zero share must get at least one document of each prefix;
+    otherwise Megatron's epoch count loops forever. Same rounding as Megatron."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    w = [float(x) for x in split.split(",")]
+    bounds = [sum(w[:i]) / sum(w) for i in range(4)]
+    for p in prefixes:
+        n = len(IndexedDataset(p, mmap=True).document_indices) - 1
+        for i, name in enumerate(("train", "valid", "test")):
+            beg, end = int(round(bounds[i] * n)), int(round(bounds[i + 1] * n))
+            if w[i] > 0 and end <= beg:
+                raise ValueError(
+                    f"data.split={split!r} gives the {name} split no documents of {p} "
+                    f"({n} documents in all): give it a larger share, or 0 to disable it")
+
+
 def _is_number(s):
     try:
         float(s)
@@ -107,6 +123,8 @@ def build_datasets(data_cfg, seq_length, num_samples, tokenizer, is_built_on_ran
         create_attention_mask=False,
     )
     sizes = [int(n) for n in num_samples]
+    if blend is not None:
+        _check_split_sizes(blend[0], split, sizes)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank or (lambda: True),
                                             config)
     with _rank_zero_without_process_group():

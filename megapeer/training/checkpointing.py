@@ -293,3 +293,29 @@ def find_resume_point(ckpt_cfg, ckpt_root):
             return None
         return resolve_checkpoint(ckpt_root)
     return resolve_checkpoint(mode)
+
+
+_WRITER_MANAGER = None
+
+
+def start_signal_proof_writer_helper():
+    """Start Megatron's persistent checkpoint-writer helper ourselves, with SIGTERM and
+    SIGUSR1 blocked in it.
+
+    megatron-core 0.16.1 (filesystem_async._get_write_results_queue) keeps a spawned
+    multiprocessing Manager alive from the first save on. Slurm signals every process of
+    a job step, so on requeue/pre-emption that helper would die and the very save the
+    signal asked for would fail (BrokenPipeError).
+    """
+    global _WRITER_MANAGER
+    import multiprocessing as mp
+    import signal
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    if _WRITER_MANAGER is not None or filesystem_async._results_queue is not None:
+        return
+    _WRITER_MANAGER = SyncManager(ctx=mp.get_context("spawn"))
+    _WRITER_MANAGER.start(signal.pthread_sigmask,
+                          (signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1}))
+    filesystem_async._results_queue = _WRITER_MANAGER.Queue()

@@ -151,6 +151,8 @@ def train(cfg):
     world = torch.distributed.get_world_size()
     tokens_per_step = t.global_batch_size * m.seq_length
     flag = _SignalFlag(cfg.checkpoint.save_on_signal)
+    if cfg.checkpoint.save_on_signal:
+        ckpt.start_signal_proof_writer_helper()
     faults = _fault_steps()
     nonfinite_run = 0
     last_saved = state["iteration"] if resume_dir else -1
