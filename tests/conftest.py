@@ -26,3 +26,14 @@ def torchrun(script, args, nproc, timeout=600, env=None):
         raise AssertionError(f"{script} {args} failed ({p.returncode}):\n{p.stdout[-4000:]}\n"
                              f"{p.stderr[-8000:]}")
     return p
+
+
+def write_indexed(prefix, docs):
+    """A Megatron indexed dataset (uint16 tokens) with one document per list in docs."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for d in docs:
+        b.add_document(np.array(d), [len(d)])
+    b.finalize(prefix + ".idx")
+    return prefix

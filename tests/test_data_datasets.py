@@ -8,6 +8,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from conftest import write_indexed
 from megapeer.config import DataConfig
 from megapeer.data import BatchIterator, build_datasets
 from megapeer.data.demo import stdlib_files
@@ -17,23 +18,14 @@ from megapeer.data.train_tokenizer import train_tokenizer
 TOK = SimpleNamespace(vocab_size=512, eod=0, pad=None)
 
 
-def _write(prefix, docs):
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    for d in docs:
-        b.add_document(np.array(d), [len(d)])
-    b.finalize(prefix + ".idx")
-    return prefix
-
 
 @pytest.fixture(scope="module")
 def ranges(tmp_path_factory):
     """Dataset A uses token ids 10..99, B 200..299: every sample shows where it came from."""
     d = tmp_path_factory.mktemp("ranges")
     rng = np.random.default_rng(0)
-    a = _write(str(d / "a"), [list(rng.integers(10, 100, 50)) + [0] for _ in range(40)])
-    b = _write(str(d / "b"), [list(rng.integers(200, 300, 50)) + [0] for _ in range(60)])
+    a = write_indexed(str(d / "a"), [list(rng.integers(10, 100, 50)) + [0] for _ in range(40)])
+    b = write_indexed(str(d / "b"), [list(rng.integers(200, 300, 50)) + [0] for _ in range(60)])
     return d, a, b
 
 

@@ -8,21 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_indexed
 from megapeer.config import DataConfig
 from megapeer.data import BatchIterator, build_datasets
 
 TOK = SimpleNamespace(vocab_size=512, eod=0, pad=None)
 MBS, STEPS = 2, 5
 
-
-def _write(prefix, docs):
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    for d in docs:
-        b.add_document(np.array(d), [len(d)])
-    b.finalize(prefix + ".idx")
-    return prefix
 
 
 def _cfg(a, b, cache):
@@ -52,8 +44,10 @@ def _rank(rank, init_file, a, b, cache, out):
 @pytest.mark.timeout(120)
 def test_two_gloo_ranks_share_the_cache_and_split_the_stream(tmp_path):
     rng = np.random.default_rng(1)
-    a = _write(str(tmp_path / "a"), [list(rng.integers(10, 100, 40)) + [0] for _ in range(30)])
-    b = _write(str(tmp_path / "b"), [list(rng.integers(200, 300, 40)) + [0] for _ in range(50)])
+    a = write_indexed(str(tmp_path / "a"),
+                      [list(rng.integers(10, 100, 40)) + [0] for _ in range(30)])
+    b = write_indexed(str(tmp_path / "b"),
+                      [list(rng.integers(200, 300, 40)) + [0] for _ in range(50)])
     # Single-process reference, with its own cache.
     ref, ref_valid, _ = build_datasets(_cfg(a, b, str(tmp_path / "ref")), 16, (200, 20, 0), TOK)
     it = BatchIterator(ref, 2 * MBS)

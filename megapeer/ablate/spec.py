@@ -199,13 +199,8 @@ def _short(v):
 
 def load_spec(path: str) -> Spec:
     """Read and check an ablation spec file (paths inside are relative to the cwd)."""
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise SpecError(f"spec file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path}: invalid YAML: {e}") from None
+    from ..config.loader import read_yaml_mapping
+    data = read_yaml_mapping(path, SpecError, "spec")
     _check_keys(data, SPEC_KEYS, "", path)
     name = data.get("name") or os.path.splitext(os.path.basename(path))[0]
     if not isinstance(name, str) or not NAME_RE.match(name):

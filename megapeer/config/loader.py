@@ -117,24 +117,30 @@ def parse_overrides(overrides: List[str]) -> dict:
     return tree
 
 
+def read_yaml_mapping(path: str, error=ConfigError, what: str = "config") -> dict:
+    """A YAML file whose top level is a mapping; `error` names the file on any problem."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise error(f"{what} file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise error(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: top level must be a mapping")
+    return data
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
                 world_size: Optional[int] = None, validate: bool = True) -> Config:
     """Load `path` (YAML), apply `overrides` (["a.b=1", ...]) and validate.
 
-    world_size defaults to $WORLD_SIZE, else $SLURM_NTASKS, else 1. Nothing here touches torch.distributed.
+    world_size defaults to $WORLD_SIZE, else $SLURM_NTASKS, else 1. Nothing here touches
+    torch.distributed.
     """
     cfg = Config()
     if path is not None:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        _merge(cfg, data, "", path)
+        _merge(cfg, read_yaml_mapping(path, ConfigError, "config"), "", path)
     for item in overrides or []:
         _merge(cfg, parse_overrides([item]), "", f"override '{item}'")
     if validate:
