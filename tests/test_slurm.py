@@ -90,6 +90,9 @@ def job_info(job):
     return dict(re.findall(r"(\w+)=(\S*)", p.stdout))
 
 
+_PENDING_SINCE = {}
+
+
 def nudge(job):
     """Job info; a requeued job waiting for its begin time is told to start now.
 
@@ -98,8 +101,14 @@ def nudge(job):
     """
     info = job_info(job)
     if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
-                       capture_output=True, timeout=30)
+        # Not at once: a requeued job started within milliseconds of the requeue can
+        # meet its previous instance's credential still being revoked on the node
+        # ("Killing non-startable batch job: Job credential revoked" -> FAILED).
+        first = _PENDING_SINCE.setdefault(job, time.time())
+        if time.time() - first >= 5:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
+                           capture_output=True, timeout=30)
+            _PENDING_SINCE.pop(job, None)
     return info
 
 
