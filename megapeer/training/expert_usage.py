@@ -155,11 +155,8 @@ def plot_expert_usage(usage, path_png, step=None):
                      f"mean max gate {s['gate_max_mean']:.3f}", fontsize=10)
     title = "PEER expert usage" + (f" at step {step}" if step is not None else "")
     fig.suptitle(title)
-    os.makedirs(os.path.dirname(os.path.abspath(path_png)), exist_ok=True)
-    tmp = path_png + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path_png)
-    return path_png
+    from .plots import save_figure
+    return save_figure(fig, path_png)
 
 
 def save_usage_plots(usage, run_dir, step):

@@ -82,8 +82,13 @@ def plot_run(run_dir, out=None):
     if len(vl):
         title += f", validation loss {vl[-1]:.3f} (ppl {math.exp(min(vl[-1], 700)):.1f})"
     fig.suptitle(title)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, out)
+
+
+def save_figure(fig, path_png, dpi=90):
+    """Write a matplotlib Figure as PNG atomically (a temp file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path_png)), exist_ok=True)
+    tmp = path_png + ".tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path_png)
+    return path_png
