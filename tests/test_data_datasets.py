@@ -11,7 +11,7 @@ import torch
 from conftest import write_indexed
 from megapeer.config import DataConfig
 from megapeer.data import BatchIterator, build_datasets
-from megapeer.data.demo import stdlib_files
+from megapeer.data.demo import stdlib_documents
 from megapeer.data.preprocess import preprocess
 from megapeer.data.train_tokenizer import train_tokenizer
 
@@ -72,12 +72,7 @@ def test_per_split_blends_and_size_weights(ranges):
 def corpus(tmp_path_factory):
     """A small slice of the stdlib corpus, preprocessed with our tool."""
     d = tmp_path_factory.mktemp("corpus")
-    docs = []
-    for _, path in stdlib_files(250_000):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if text.strip():
-            docs.append(text)
+    docs = [text for _, text in stdlib_documents(250_000)]
     src = d / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     model = train_tokenizer([str(src)], str(d / "tok"), vocab_size=600, quiet=True)

@@ -9,18 +9,13 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from megapeer.data.demo import stdlib_files
+from megapeer.data.demo import stdlib_documents
 from megapeer.data.preprocess import main, preprocess
 from megapeer.data.train_tokenizer import train_tokenizer
 
 
 def _docs():
-    docs = []
-    for _, path in stdlib_files(150_000):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if text.strip():
-            docs.append(text)
+    docs = [text for _, text in stdlib_documents(150_000)]
     docs += ["naïve café — 数据 ✓ 🙂", "  leading spaces\n\ttabs\n", "x"]
     return docs
 

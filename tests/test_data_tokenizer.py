@@ -9,7 +9,7 @@ import sentencepiece as spm
 
 from megapeer.config import TokenizerConfig
 from megapeer.data import build_tokenizer, load_tokenizer
-from megapeer.data.demo import stdlib_files
+from megapeer.data.demo import stdlib_documents
 from megapeer.data.preprocess import preprocess
 from megapeer.data.train_tokenizer import main as train_main
 from megapeer.data.train_tokenizer import train_tokenizer
@@ -19,12 +19,7 @@ UNSEEN = "数据 ✓ 🙂 ünïcödé"  # characters absent from the training te
 
 @pytest.fixture(scope="module")
 def docs():
-    out = []
-    for _, path in stdlib_files(120_000):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if text.strip():
-            out.append(text)
+    out = [text for _, text in stdlib_documents(120_000)]
     return out
 
 

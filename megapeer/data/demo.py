@@ -35,19 +35,24 @@ def stdlib_files(max_bytes=None):
             yield os.path.relpath(path, root), path
 
 
+def stdlib_documents(max_bytes=None):
+    """(relative path, text) of the readable, non-empty files of stdlib_files(max_bytes)."""
+    for rel, full in stdlib_files(max_bytes):
+        try:
+            with open(full, encoding="utf-8") as f:
+                text = f.read()
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():  # skips empty __init__.py files
+            yield rel, text
+
+
 def write_stdlib_jsonl(path, max_mb=8.0):
     """Write {"text": source, "path": relative path} lines; returns (documents, bytes)."""
     docs = nbytes = 0
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as out:
-        for rel, full in stdlib_files(int(max_mb * 1e6)):
-            try:
-                with open(full, encoding="utf-8") as f:
-                    text = f.read()
-            except (UnicodeDecodeError, OSError):
-                continue
-            if not text.strip():
-                continue  # empty __init__.py files
+        for rel, text in stdlib_documents(int(max_mb * 1e6)):
             out.write(json.dumps({"text": text, "path": rel}) + "\n")
             docs += 1
             nbytes += len(text.encode("utf-8"))
