@@ -101,7 +101,7 @@ def _baseline_flops(cfg):
     return 3 * (L * per_layer + 2 * d * V)
 
 
-def run_variant(name, overrides, steps, warmup):
+def run_variant(name, overrides, steps, warmup, profile_dir=None):
     from megapeer.config import load_config
     from megapeer.models import build_model_chunks, flops_per_token, padded_vocab_size
     from megapeer.models.gpt import param_dtype, transformer_config
@@ -150,12 +150,21 @@ def run_variant(name, overrides, steps, warmup):
         times.append(time.perf_counter() - t0)
     times.sort()
     dt = times[len(times) // 2]
+    summary = None
+    if profile_dir:  # two more steps under torch.profiler: where the time goes
+        from megapeer.training.profiling import StepProfiler
+        sp = StepProfiler((1, 2), os.path.join(profile_dir, name), title=name)
+        for i in (1, 2):
+            with sp.step(i):
+                float(step())
+        summary = sp.summary
     tokens = t.global_batch_size * S
     nparams = sum(p.numel() for c in chunks for p in c.parameters())
     res = {"variant": name, "params_M": nparams / 1e6, "step_s": dt, "tokens_per_s": tokens / dt,
            "flops_per_token_G": fpt / 1e9, "tflops": fpt * tokens / dt / 1e12,
            "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30
-                            if torch.cuda.is_available() else None), "loss": float(loss)}
+                            if torch.cuda.is_available() else None), "loss": float(loss),
+           "profile": summary}
     del ddp, chunks, opt
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -171,6 +180,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--variants", default="megatron_local,mla_dense,mla_peer")
     ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="also profile two steps per variant; traces and summaries in DIR")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides applied to every megapeer variant")
     args = ap.parse_args()
     from megapeer.parallel import init_distributed
     init_distributed()
@@ -181,10 +194,13 @@ def main():
     rows = []
     for name in args.variants.split(","):
         ov = base + (peer if name == "mla_peer" else ["model.layer_pattern=D"])
-        r = run_variant(name, ov, args.steps, args.warmup)
+        r = run_variant(name, ov + args.set, args.steps, args.warmup, args.profile)
         r["mfu"] = r["tflops"] / rate if rate else None
         rows.append(r)
-        print(json.dumps(r), flush=True)
+        print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+        if r["profile"]:
+            from megapeer.training.profiling import format_summary
+            print(format_summary(r["profile"], name), flush=True)
     print(f"\n{card}, bf16 matmul {rate:.0f} TFLOP/s measured" if rate else f"\n{card}")
     print(f"{'variant':16s} {'params':>9s} {'step ms':>8s} {'tok/s':>9s} {'GFLOP/tok':>9s} "
           f"{'TFLOP/s':>8s} {'MFU':>6s} {'mem GiB':>8s}")

@@ -42,6 +42,9 @@ def test_yaml_and_overrides(tmp_path):
      r"virtual_pipeline' \* pipeline = 6 does not divide"),
     ("", ["model.layer_pattern=D", "parallel.expert=2"], 2, r"needs at least one PEER layer"),
     ("", ["data.split=90,10"], 1, r"'data\.split'"),
+    ("", ["logging.profile_steps=[3,2]"], 1, r"'logging\.profile_steps' must be \[first, last\]"),
+    ("", ["training.train_iters=5", "training.warmup_iters=1", "logging.profile_steps=[1,6]"], 1,
+     r"'logging\.profile_steps'.*train_iters \(5\)"),
 ])
 def test_config_errors(tmp_path, text, overrides, world, match):
     p = tmp_path / "c.yaml"

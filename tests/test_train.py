@@ -155,3 +155,23 @@ def test_resume_under_another_layout(demo, tmp_path, layout):
     resumed = losses(run)
     for s in range(5, 9):
         assert abs(resumed[s] - full[s]) <= 1e-4 * abs(full[s]), (s, resumed[s], full[s])
+
+
+def test_profile_steps_and_no_checkpoints(demo, tmp_path):
+    run = str(tmp_path / "prof")
+    train(demo, run, ["training.train_iters=4", "logging.profile_steps=[2,3]",
+                      "checkpoint.save=false"])
+    summary = json.load(open(os.path.join(run, "profile", "summary_rank0.json")))
+    assert summary["steps"] == 2 and summary["wall_ms"] > 0
+    trace = json.load(open(os.path.join(run, "profile", "trace_rank0.json")))
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
+    assert not os.listdir(os.path.join(run, "checkpoints"))
+
+
+def test_exit_interval_saves_and_stops(demo, reference, tmp_path):
+    run = str(tmp_path / "exit")
+    train(demo, run, ["training.exit_interval=6"])
+    assert latest(run) == "iter_0000006" and max(losses(run)) == 6
+    train(demo, run)  # resumes and runs to the end
+    l, ref = losses(run), losses(reference)
+    assert [l[s] for s in range(1, STEPS + 1)] == [ref[s] for s in range(1, STEPS + 1)]

@@ -117,6 +117,7 @@ class TrainingConfig:
     eval_interval: int = 50
     eval_iters: int = 5
     max_consecutive_nonfinite: int = 5
+    exit_interval: int = 0                 # > 0: save and stop after a step that is a multiple
 
 
 @dataclass
@@ -135,6 +136,7 @@ class LoggingConfig:
     expert_usage_interval: int = 50
     tensorboard: bool = False
     peak_tflops: Optional[float] = None    # per device, for MFU (default: by GPU name)
+    profile_steps: Optional[List[int]] = None  # [first, last]: torch.profiler over these steps
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -142,6 +144,7 @@ class LoggingConfig:
 class CheckpointConfig:
     dir: Optional[str] = None              # default: <run_dir>/checkpoints
     save_interval: int = 0                 # 0: only at the end and on signals
+    save: bool = True                      # false: never write checkpoints (benchmarks)
     keep_last: int = 3
     resume: str = "auto"                   # auto | none | a checkpoint folder
     save_on_signal: bool = True

@@ -124,5 +124,11 @@ def validate_config(cfg: Config, world_size: int, source: str = "<config>") -> N
               "'98,1,1'")
     if cfg.logging.log_interval < 1:
         _fail(source, "logging.log_interval", "must be >= 1")
+    ps_ = cfg.logging.profile_steps
+    if ps_ is not None and (len(ps_) != 2 or not 1 <= ps_[0] <= ps_[1] <= t.train_iters):
+        _fail(source, "logging.profile_steps", f"must be [first, last] with 1 <= first <= "
+              f"last <= training.train_iters ({t.train_iters}); got {ps_}")
+    if t.exit_interval < 0:
+        _fail(source, "training.exit_interval", f"must be >= 0, got {t.exit_interval}")
     if cfg.checkpoint.keep_last < 1:
         _fail(source, "checkpoint.keep_last", "must be >= 1")

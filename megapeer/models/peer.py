@@ -17,6 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
@@ -140,9 +141,10 @@ class PEER(MegatronModule):
         mode = self.peer.kernel
         if self.ep_size > 1:
             group = ps.get_expert_model_parallel_group()
-            x = mappings.gather_from_sequence_parallel_region(x, True, group=group)
-            gates = mappings.gather_from_sequence_parallel_region(gates, True, group=group)
-            idx = _all_gather_rows(idx, group)
+            with record_function("peer.comm"):
+                x = mappings.gather_from_sequence_parallel_region(x, True, group=group)
+                gates = mappings.gather_from_sequence_parallel_region(gates, True, group=group)
+                idx = _all_gather_rows(idx, group)
             idx = idx - self.ep_rank * self.n_local
             own = (idx >= 0) & (idx < self.n_local)
             gates = gates * own
@@ -152,17 +154,19 @@ class PEER(MegatronModule):
             lo = self.tp_rank * self.d_local
             xs = mappings.copy_to_tensor_model_parallel_region(x, group=tp)[:, lo:lo + self.d_local]
             s = gather_dot(xs, idx, self.U, self.m, mode)
-            s = mappings.reduce_from_tensor_model_parallel_region(s, group=tp)
+            with record_function("peer.comm"):
+                s = mappings.reduce_from_tensor_model_parallel_region(s, group=tp)
         else:
             s = gather_dot(x, idx, self.U, self.m, mode)
         w = self.act(s) * gates.unsqueeze(-1)
         if self.tp_size > 1:
             w = mappings.copy_to_tensor_model_parallel_region(w, group=tp)
         out = gather_axpy(w, idx, self.V, self.m, mode)
-        if self.ep_size > 1:
-            out = mappings.reduce_scatter_to_sequence_parallel_region(out, group=group)
-        if self.tp_size > 1:
-            out = mappings.gather_from_tensor_model_parallel_region(out, group=tp)
+        with record_function("peer.comm"):  # a label for profiles (training/profiling.py)
+            if self.ep_size > 1:
+                out = mappings.reduce_scatter_to_sequence_parallel_region(out, group=group)
+            if self.tp_size > 1:
+                out = mappings.gather_from_tensor_model_parallel_region(out, group=tp)
         return out
 
     def forward(self, hidden_states, padding_mask=None):

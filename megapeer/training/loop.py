@@ -13,6 +13,7 @@ from ..models import build_model_chunks, flops_per_token, padded_vocab_size, pee
 from ..models.gpt import param_dtype, transformer_config
 from ..parallel import device, init_distributed, init_model_parallel
 from . import checkpointing as ckpt
+from .profiling import StepProfiler
 from .optimizer import build_optimizer, build_scheduler, current_lr, optimizer_step
 from .step import forward_backward, wrap_ddp
 
@@ -159,7 +160,7 @@ def train(cfg):
 
     def save(it):
         nonlocal last_saved
-        if last_saved == it:
+        if last_saved == it or not cfg.checkpoint.save:
             return
         state["consumed_train"] = train_iters[0].consumed_samples
         state["consumed_valid"] = valid_iters[0].consumed_samples if valid_iters else 0
@@ -172,17 +173,20 @@ def train(cfg):
         c.train()
     window_t0, window_steps = time.time(), 0
     it = state["iteration"]
+    prof = StepProfiler(cfg.logging.profile_steps, os.path.join(run_dir, "profile"), rank)
     while it < t.train_iters:
-        for c in ddp:
-            c.zero_grad_buffer()
-        optimizer.zero_grad()
-        loss = forward_backward(ddp, train_iters, n_micro, m.seq_length, t.micro_batch_size)
-        loss = float(loss)
-        if (it + 1) in faults:
-            _poison_grads(ddp)
-        stepped, grad_norm = (False, float("nan"))
-        if math.isfinite(loss):
-            stepped, grad_norm = optimizer_step(optimizer, t.clip_grad)
+        with prof.step(it + 1):
+            for c in ddp:
+                c.zero_grad_buffer()
+            optimizer.zero_grad()
+            loss = forward_backward(ddp, train_iters, n_micro, m.seq_length,
+                                    t.micro_batch_size)
+            loss = float(loss)
+            if (it + 1) in faults:
+                _poison_grads(ddp)
+            stepped, grad_norm = (False, float("nan"))
+            if math.isfinite(loss):
+                stepped, grad_norm = optimizer_step(optimizer, t.clip_grad)
         if stepped:
             scheduler.step(increment=1)
             nonfinite_run = 0
@@ -222,6 +226,13 @@ def train(cfg):
             metrics.log_eval(it, {"loss": vloss, "ppl": math.exp(min(vloss, 50.0))})
         if cfg.checkpoint.save_interval > 0 and it % cfg.checkpoint.save_interval == 0:
             save(it)
+        if t.exit_interval and it % t.exit_interval == 0 and it < t.train_iters:
+            log.info("training.exit_interval=%d: saving at step %d and stopping",
+                     t.exit_interval, it)
+            save(it)
+            metrics.close()
+            state["exited_at"] = it
+            return state
         sig = flag.any_rank()
         if sig:
             log.info("signal %d received: saving at step %d and stopping", sig, it)

@@ -1,0 +1,184 @@
+"""Where a training step's time goes: torch.profiler over a few steps, summarised.
+
+`StepProfiler` records steps [first, last] of a run (`logging.profile_steps`), writes a
+Chrome trace per rank and a summary that sorts every GPU kernel into a category:
+
+  GEMM, attention, PEER kernels, communication (NCCL), optimizer, memory copies,
+  elementwise / norms / other, and idle (step wall time with no kernel running).
+
+Code wrapped in `record_function(label)` for a label in LABELS is also reported on
+its own (kernels that ran inside the label's GPU span): PEER's forward collectives
+(`peer.comm`) and the data-parallel gradient reduction (`grad_sync`).
+See docs/profile.md.
+"""
+import json
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("megapeer")
+
+STEP = "megapeer.step"
+LABELS = ("peer.comm", "grad_sync")
+CATEGORIES = ("GEMM", "attention", "PEER kernels", "communication (NCCL)", "optimizer",
+              "memory copies", "elementwise / norms / other")
+
+
+def kernel_category(name, cat="kernel"):
+    """The category of one GPU activity from its name (and trace category)."""
+    n = name.lower()
+    if cat in ("gpu_memcpy", "gpu_memset") or n.startswith(("memcpy", "memset")):
+        return "memory copies"
+    if "nccl" in n:
+        return "communication (NCCL)"
+    if "megapeer::" in n:
+        return "PEER kernels"
+    if any(s in n for s in ("flash", "fmha", "sdpa", "attention", "attn")):
+        return "attention"
+    if any(s in n for s in ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "cublas", "gemv",
+                            "splitk")):
+        return "GEMM"
+    if any(s in n for s in ("multi_tensor", "adam", "foreach")):
+        return "optimizer"
+    return "elementwise / norms / other"
+
+
+def _union(intervals):
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def summarize_trace(trace):
+    """Summary of a Chrome trace (dict) of profiled steps; times in ms per step."""
+    ev = trace.get("traceEvents", trace) if isinstance(trace, dict) else trace
+    ev = [e for e in ev if e.get("ph") == "X" and "dur" in e]
+    steps = [(e["ts"], e["ts"] + e["dur"]) for e in ev
+             if e.get("name") == STEP and e.get("cat") in ("user_annotation", "cpu_op")]
+    if not steps:
+        raise ValueError(f"no '{STEP}' spans in the trace: nothing to summarise")
+    lo, hi = min(a for a, _ in steps), max(b for _, b in steps)
+    n = len(steps)
+    wall = _union(steps)
+    kernels = [e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+               and lo <= e["ts"] + e["dur"] / 2 <= hi]
+    spans = {lab: [(e["ts"], e["ts"] + e["dur"]) for e in ev
+                   if e.get("cat") == "gpu_user_annotation" and e.get("name") == lab]
+             for lab in LABELS}
+    cats = dict.fromkeys(CATEGORIES, 0.0)
+    labels = dict.fromkeys(LABELS, 0.0)
+    per_name = {}
+    for e in kernels:
+        c = kernel_category(e["name"], e["cat"])
+        cats[c] += e["dur"]
+        k = per_name.setdefault(e["name"], [c, 0.0, 0])
+        k[1] += e["dur"]
+        k[2] += 1
+        mid = e["ts"] + e["dur"] / 2
+        for lab, sp in spans.items():
+            if any(a <= mid <= b for a, b in sp):
+                labels[lab] += e["dur"]
+    busy = _union([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
+    ms = 1e-3 / n
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:15]
+    return {"steps": n, "wall_ms": wall * ms, "busy_ms": busy * ms,
+            "idle_ms": max(wall - busy, 0.0) * ms,
+            "categories_ms": {c: v * ms for c, v in cats.items()},
+            "labels_ms": {lab: v * ms for lab, v in labels.items()},
+            "top_kernels": [{"name": k, "category": c, "ms": t * ms, "calls": cnt / n}
+                            for k, (c, t, cnt) in top],
+            "device_kernels": len(kernels)}
+
+
+def format_summary(s, title=""):
+    """A plain-text table of a summary from summarize_trace."""
+    w = s["wall_ms"] or 1.0
+    lines = [f"{title}{' ' if title else ''}{s['steps']} step(s), {s['wall_ms']:.1f} ms/step wall, "
+             f"GPU busy {s['busy_ms']:.1f} ms ({100 * s['busy_ms'] / w:.0f}%)"]
+    if not s["device_kernels"]:
+        lines.append("no GPU kernels recorded (CPU run): see the trace for CPU operators")
+        return "\n".join(lines)
+    lines.append(f"{'category':30s} {'ms/step':>9s} {'% of step':>9s}")
+    rows = sorted(s["categories_ms"].items(), key=lambda kv: -kv[1])
+    rows.append(("idle (no kernel running)", s["idle_ms"]))
+    for c, v in rows:
+        lines.append(f"{c:30s} {v:9.2f} {100 * v / w:8.1f}%")
+    for lab, v in s["labels_ms"].items():
+        if v:
+            lines.append(f"  inside '{lab}' spans{'':10s} {v:9.2f} {100 * v / w:8.1f}%")
+    lines.append("top kernels:")
+    for k in s["top_kernels"][:10]:
+        lines.append(f"  {k['ms']:8.2f} ms {k['calls']:6.1f}x  {k['category']:.14s}  "
+                     f"{k['name'][:90]}")
+    return "\n".join(lines)
+
+
+class StepProfiler:
+    """Profile steps first..last (1-based, inclusive) of a loop; no-op when steps is None.
+
+    Call `step(it)` as a context manager around each step; the trace and summary are
+    written to out_dir after step `last`.
+    """
+
+    def __init__(self, steps, out_dir, rank=0, title=""):
+        self.first, self.last = (steps or (0, -1))
+        self.out_dir, self.rank, self.title = out_dir, rank, title
+        self.prof = None
+        self.summary = None
+
+    def step(self, it):
+        if self.prof is None and it == self.first:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+                torch.cuda.synchronize()
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+        return _StepSpan(self, it)
+
+    def _end_step(self, it):
+        if self.prof is None or it != self.last:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        os.makedirs(self.out_dir, exist_ok=True)
+        trace = os.path.join(self.out_dir, f"trace_rank{self.rank}.json")
+        self.prof.export_chrome_trace(trace + ".tmp")
+        os.replace(trace + ".tmp", trace)
+        self.prof = None
+        with open(trace) as f:
+            self.summary = summarize_trace(json.load(f))
+        base = os.path.join(self.out_dir, f"summary_rank{self.rank}")
+        with open(base + ".json", "w") as f:
+            json.dump(self.summary, f, indent=1)
+        text = format_summary(self.summary, self.title)
+        with open(base + ".txt", "w") as f:
+            f.write(text + "\n")
+        if self.rank == 0:
+            log.info("profile of steps %d-%d (trace %s):\n%s", self.first, self.last, trace, text)
+
+
+class _StepSpan:
+    def __init__(self, owner, it):
+        self.owner, self.it = owner, it
+        self.rf = torch.profiler.record_function(STEP) if owner.prof is not None else None
+
+    def __enter__(self):
+        if self.rf is not None:
+            self.rf.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.rf is not None:
+            self.rf.__exit__(*exc)
+        if exc[0] is None:
+            self.owner._end_step(self.it)
+        return False

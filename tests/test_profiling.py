@@ -1,0 +1,70 @@
+"""Step profiles: kernel categories, idle time and labelled spans from a Chrome trace."""
+import pytest
+
+from megapeer.training.profiling import format_summary, kernel_category, summarize_trace
+
+
+@pytest.mark.parametrize("name,cat,want", [
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "kernel", "GEMM"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "kernel", "GEMM"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128",
+     "kernel", "attention"),
+    ("void megapeer::walk_kernel<__nv_bfloat16, 8, 2>(megapeer::KArgs<__nv_bfloat16>)",
+     "kernel", "PEER kernels"),
+    ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "kernel",
+     "communication (NCCL)"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>", "kernel",
+     "optimizer"),
+    ("Memcpy DtoD (Device -> Device)", "gpu_memcpy", "memory copies"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::silu...>", "kernel",
+     "elementwise / norms / other"),
+])
+def test_kernel_category(name, cat, want):
+    assert kernel_category(name, cat) == want
+
+
+def _x(name, cat, ts, dur, **kw):
+    return dict(ph="X", name=name, cat=cat, ts=ts, dur=dur, **kw)
+
+
+def test_summary_of_two_steps():
+    ev = [
+        # two steps of 100 us each on the CPU timeline, 50 us apart
+        _x("megapeer.step", "user_annotation", 0, 100), _x("megapeer.step", "user_annotation",
+                                                            150, 100),
+        _x("gemm_a", "kernel", 10, 30), _x("gemm_a", "kernel", 160, 30),
+        _x("flash_fwd", "kernel", 35, 20),                  # overlaps the GEMM by 5 us
+        _x("ncclDevKernel_AllReduce", "kernel", 60, 10), _x("ncclDevKernel_AllGather",
+                                                            "kernel", 200, 20),
+        _x("peer.comm", "gpu_user_annotation", 58, 14),      # only the first NCCL kernel
+        _x("Memset (Device)", "gpu_memset", 80, 4),
+        _x("elementwise_kernel", "kernel", 400, 50),         # outside the steps: ignored
+        {"ph": "i", "name": "marker", "ts": 5},
+    ]
+    s = summarize_trace({"traceEvents": ev})
+    assert s["steps"] == 2 and s["device_kernels"] == 6
+    assert s["wall_ms"] == pytest.approx(0.1)                 # 200 us / 2 steps
+    c = s["categories_ms"]
+    assert c["GEMM"] == pytest.approx(0.03) and c["attention"] == pytest.approx(0.01)
+    assert c["communication (NCCL)"] == pytest.approx(0.015)
+    assert c["memory copies"] == pytest.approx(0.002)
+    assert c["elementwise / norms / other"] == 0
+    busy = (45 + 10 + 4 + 30 + 20) / 2 / 1e3                  # union: 10..55 is 45 us
+    assert s["busy_ms"] == pytest.approx(busy)
+    assert s["idle_ms"] == pytest.approx(0.1 - busy)
+    assert s["labels_ms"] == pytest.approx({"peer.comm": 0.005, "grad_sync": 0.0})
+    assert s["top_kernels"][0]["name"] == "gemm_a" and s["top_kernels"][0]["calls"] == 1
+    text = format_summary(s, "test")
+    assert "idle (no kernel running)" in text and "inside 'peer.comm' spans" in text
+
+
+def test_trace_without_steps_is_an_error():
+    with pytest.raises(ValueError, match="megapeer.step"):
+        summarize_trace({"traceEvents": [_x("gemm", "kernel", 0, 1)]})
+
+
+def test_cpu_run_summary_says_so():
+    s = summarize_trace([_x("megapeer.step", "user_annotation", 0, 1000),
+                         _x("aten::mm", "cpu_op", 10, 100)])
+    assert s["device_kernels"] == 0
+    assert "no GPU kernels recorded" in format_summary(s)
