@@ -1,35 +1,47 @@
 #!/usr/bin/env bash
-# One device call for the foundation / training / performance issues: install the carried
-# wheels (.whl: megatron-core, nvidia-cutlass), build the PEER kernels, then check and time.
-# Logs go to $OUT. Run from the repository root on an H100/H200.
+# One device call for the training / performance issues: install the carried wheels (.whl:
+# megatron-core, nvidia-cutlass), build the PEER kernels (skipped when already built on this
+# machine), then check and time the stages named in STAGES. Logs and JSON go to $OUT.
+# Run from the repository root on an H100/H200, e.g.
+#   STAGES=prof1b,layouts GPUS=2 bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
+if [[ ! -d /tmp/site/megatron ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv
-bash bench/peer_gpu_check.sh build 2>&1 | tail -3
-python3 -m megapeer.cli info
+python3 -c "import megapeer._C" 2>/dev/null || bash bench/peer_gpu_check.sh build 2>&1 | tail -3
+python3 -m megapeer.cli info | grep -i peer
 STAGES=${STAGES:-sdpa,t100m,t1b,resume}
-if [[ $STAGES == *sdpa* ]]; then
-  timeout 120 python3 bench/sdpa_mla.py 2>&1 | tee "$OUT/sdpa.txt"
-fi
-if [[ $STAGES == *t100m* ]]; then
-  timeout 300 python3 bench/train_throughput.py --size 100m --json "$OUT/t100m.json" 2>&1 \
-    | grep -v -i warn | tee "$OUT/t100m.txt" | tail -6
-fi
-if [[ $STAGES == *t1b* ]]; then
-  timeout 400 python3 bench/train_throughput.py --size 1b --json "$OUT/t1b.json" 2>&1 \
-    | grep -v -i warn | tee "$OUT/t1b.txt" | tail -6
-fi
-if [[ $STAGES == *resume* ]]; then
+tput() {  # name timeout args...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 bench/train_throughput.py --json "$OUT/$name.json" "$@" 2>&1 \
+    | grep -v -i warn | tee "$OUT/$name.txt" | tail -${TAIL:-8}
+}
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+has sdpa && timeout 120 python3 bench/sdpa_mla.py 2>&1 | tee "$OUT/sdpa.txt"
+has t100m && tput t100m 300 --size 100m
+has t1b && tput t1b 400 --size 1b
+# eager 1B runs with two profiled steps per variant (traces and summaries in $OUT/prof1b)
+has prof1b && TAIL=80 tput prof1b 420 --size 1b --profile "$OUT/prof1b"
+has compile1b && TAIL=40 tput compile1b 400 --size 1b --variants mla_dense --compile \
+  --profile "$OUT/compile1b"
+has mbs2 && tput mbs2 200 --size 1b --variants mla_dense \
+  --set training.micro_batch_size=2 training.global_batch_size=8
+if has resume; then
   python3 -m megapeer.data.demo --out /tmp/demo --max-mb 2 >/dev/null
   timeout 240 python3 bench/resume_check.py --data /tmp/demo --steps 8 \
     training.use_distributed_optimizer=true 2>&1 | grep -v -i warn | tee "$OUT/resume.txt" | tail -8
 fi
-if [[ $STAGES == *layouts* ]]; then
+if has layouts; then
   [[ -f /tmp/demo/tokenizer.model ]] || python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null
-  timeout 560 python3 bench/layout_scaling.py --data /tmp/demo --gpus "${GPUS:-4}" --steps 10 \
-    --json "$OUT/layouts.json" 2>&1 | grep -v -i warn | tee "$OUT/layouts.txt" | tail -20
+  timeout 580 python3 bench/layout_scaling.py --data /tmp/demo --gpus "${GPUS:-4}" --steps 12 \
+    --json "$OUT/layouts.json" 2>&1 | grep -v -i warn | tee "$OUT/layouts.txt" | tail -24
+  for d in /tmp/layouts/*/; do
+    [[ -f $d/profile/summary_rank0.txt ]] && cp "$d/profile/summary_rank0.txt" "$OUT/layout_$(basename "$d").txt"
+  done
 fi
+exit 0
