@@ -26,11 +26,16 @@ has sdpa && timeout 120 python3 bench/sdpa_mla.py 2>&1 | tee "$OUT/sdpa.txt"
 has t100m && tput t100m 300 --size 100m
 has t1b && tput t1b 400 --size 1b
 # eager 1B runs with two profiled steps per variant (traces and summaries in $OUT/prof1b)
-has prof1b && TAIL=80 tput prof1b 420 --size 1b --profile "$OUT/prof1b"
+has prof1b && TAIL=80 tput prof1b 420 --size 1b --profile /tmp/prof1b
 has compile1b && TAIL=40 tput compile1b 400 --size 1b --variants mla_dense --compile \
-  --profile "$OUT/compile1b"
+  --profile /tmp/compile1b
 has mbs2 && tput mbs2 200 --size 1b --variants mla_dense \
   --set training.micro_batch_size=2 training.global_batch_size=8
+# the same 1B runs with training.compile (the baseline stays Megatron's eager local spec)
+has after1b && TAIL=80 tput after1b 420 --size 1b --compile --profile /tmp/after1b
+has mbs2c && tput mbs2c 200 --size 1b --variants mla_dense --compile \
+  --set training.micro_batch_size=2 training.global_batch_size=8
+has ktest && timeout 200 python3 -m pytest -q -x tests/test_peer_kernel.py 2>&1 | tail -4
 if has resume; then
   python3 -m megapeer.data.demo --out /tmp/demo --max-mb 2 >/dev/null
   timeout 240 python3 bench/resume_check.py --data /tmp/demo --steps 8 \

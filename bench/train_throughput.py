@@ -118,11 +118,8 @@ def run_variant(name, overrides, steps, warmup, profile_dir=None, compile_layers
     else:
         chunks = build_model_chunks(cfg, tcfg)
         if compile_layers:
-            for c in chunks:
-                for layer in c.module.decoder.layers if hasattr(c, "module") else c.decoder.layers:
-                    layer.compile()
-            import torch._inductor.config as ic
-            ic.pattern_matcher = False  # its SDPA rewrite fails on MLA (torch 2.13 CPU)
+            from megapeer.models import compile_layers as compile_all
+            compile_all(chunks)
         fpt = flops_per_token(m, vocab_size=padded_vocab_size(m, 1))
     ddp = wrap_ddp(chunks, tcfg)
     opt = build_optimizer(ddp, t, param_dtype(t))
@@ -189,7 +186,7 @@ def main():
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="also profile two steps per variant; traces and summaries in DIR")
     ap.add_argument("--compile", action="store_true",
-                    help="experimental: torch.compile each transformer layer (megapeer variants)")
+                    help="torch.compile each transformer layer (training.compile; megapeer variants)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides applied to every megapeer variant")
     args = ap.parse_args()

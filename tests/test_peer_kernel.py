@@ -87,6 +87,13 @@ def test_algorithm_settings():
         assert peer_cuda.get_algorithms()["scatter"] == "sorted"
         with pytest.raises(ValueError):
             peer_cuda.set_algorithms(dot="bogus")
+        peer_cuda.set_algorithms(dot="auto")   # by pairs per expert (T*h*k / N)
+        reuse = peer_cuda.AUTO_EXPERT_REUSE
+        idx = torch.zeros(64, 4, 8, dtype=torch.long)        # 2048 pairs
+        assert peer_cuda._dot_algo(idx, 2048 // reuse * 3, 3) == peer_cuda._DOT["expert"]
+        assert peer_cuda._dot_algo(idx, 2048 // reuse * 3 + 3, 3) == peer_cuda._DOT["token"]
+        peer_cuda.set_algorithms(dot="token")
+        assert peer_cuda._dot_algo(idx, 3, 3) == peer_cuda._DOT["token"]
     finally:
         st.dot, st.scatter, st.chunk, st.deterministic = saved
 

@@ -175,3 +175,16 @@ def test_exit_interval_saves_and_stops(demo, reference, tmp_path):
     train(demo, run)  # resumes and runs to the end
     l, ref = losses(run), losses(reference)
     assert [l[s] for s in range(1, STEPS + 1)] == [ref[s] for s in range(1, STEPS + 1)]
+
+
+@pytest.mark.timeout(600)
+def test_compiled_layers_train_like_eager(demo, reference, tmp_path):
+    """training.compile: the same per-step losses as eager (CPU inductor, fp32), through
+    evaluation, expert-usage windows and checkpoints, without falling back to eager."""
+    run = str(tmp_path / "compiled")
+    p = train(demo, run, ["training.compile=true"])
+    assert "transformer layers compiled" in p.stderr
+    assert "recompile_limit" not in p.stderr, p.stderr[-3000:]
+    l, ref = losses(run), losses(reference)
+    for s in range(1, STEPS + 1):
+        assert abs(l[s] - ref[s]) <= 1e-4 * abs(ref[s]), (s, l[s], ref[s])

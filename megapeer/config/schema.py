@@ -112,6 +112,7 @@ class TrainingConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     seed: int = 1234
     recompute: Literal["none", "selective", "full"] = "none"
+    compile: bool = False                  # torch.compile each transformer layer
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     eval_interval: int = 50

@@ -202,11 +202,15 @@ class PEER(MegatronModule):
         u["gate_max"] += gates.float().max(dim=-1).values.sum()
 
     def collect_usage(self):
-        """Return the raw usage counters and start a new window (None if not tracking)."""
+        """Return a copy of the raw usage counters and start a new window (None if not
+        tracking). The counters are zeroed in place: a compiled forward keeps its graph."""
         u = self._usage
-        if u is not None:
-            self._usage = self._new_usage()
-        return u
+        if u is None:
+            return None
+        out = {k: v.clone() for k, v in u.items()}
+        for v in u.values():
+            v.zero_()
+        return out
 
     # ----------------------------------------------------------- checkpoints
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

@@ -26,9 +26,13 @@ V[rows] . grad_out, both in one expert-major pass over V.
 
 Algorithms (docs/kernels.md has the H200 measurements behind the defaults):
   dot:     'token'  - one warp per token, table rows gathered (T*h*k*m row reads);
-                      the default: at least as fast as 'expert' including its sort
+                      at least as fast as 'expert' including its sort when each
+                      expert is chosen a few times per call (random routing,
+                      many experts)
            'expert' - pairs sorted by expert and walked in blocks, each used row
                       read about once, x re-read from L2 per pair
+           'auto'   - the default: 'expert' when the pairs per expert in a call
+                      (T*h*k / N) reach AUTO_EXPERT_REUSE, else 'token'
   scatter: 'sorted' - pairs sorted by expert, each gradient row written once, no
                       atomics, fixed summation order: bitwise deterministic; the
                       default (3.3x faster than the fastest atomics on an H200)
@@ -50,12 +54,13 @@ from torch import Tensor
 from . import peer_ref
 
 _DOT = {"token": 0, "expert": 1}
+AUTO_EXPERT_REUSE = 32  # pairs per expert from which dot='auto' walks experts
 _SCATTER = {"sorted": 0, "atomic": 1, "atomic_native": 2}
 
 
 class _Settings:
     # Defaults chosen from bench/peer_kernel.py on an H200 (docs/kernels.md).
-    dot = "token"
+    dot = "auto"
     scatter = "sorted"
     chunk = 256            # most pairs one warp handles for one expert row
     deterministic = False
@@ -121,8 +126,8 @@ def is_deterministic() -> bool:
 def set_algorithms(dot: Optional[str] = None, scatter: Optional[str] = None, chunk: Optional[int] = None) -> None:
     """Choose the kernels (see the module docstring); None keeps the current choice."""
     if dot is not None:
-        if dot not in _DOT:
-            raise ValueError(f"dot must be one of {sorted(_DOT)}, got {dot!r}")
+        if dot not in _DOT and dot != "auto":
+            raise ValueError(f"dot must be one of {sorted(_DOT) + ['auto']}, got {dot!r}")
         _settings.dot = dot
     if scatter is not None:
         if scatter not in _SCATTER:
@@ -228,7 +233,7 @@ def _axpy_setup(ctx, inputs, output):
     w, idx, V, m = inputs
     ctx.save_for_backward(w, idx, V)
     ctx.m, ctx.chunk = m, _settings.chunk
-    ctx.scatter, ctx.dot = _SCATTER[_scatter_name()], _DOT[_settings.dot]
+    ctx.scatter, ctx.dot = _SCATTER[_scatter_name()], _dot_algo(idx, V.shape[0], m)
 
 
 def _axpy_backward(ctx, grad_out):
@@ -254,7 +259,15 @@ torch.library.register_autograd("megapeer::gather_axpy", _axpy_backward, setup_c
 
 def gather_dot(x: Tensor, idx: Tensor, U: Tensor, m: int = 1) -> Tensor:
     """s[t,h,k,j] = U[idx*m+j] . x[t] with the fused kernels (autograd to x and U)."""
-    return torch.ops.megapeer.gather_dot(x, idx.long(), U, int(m), _DOT[_settings.dot], _settings.chunk)
+    return torch.ops.megapeer.gather_dot(x, idx.long(), U, int(m), _dot_algo(idx, U.shape[0], m),
+                                         _settings.chunk)
+
+
+def _dot_algo(idx: Tensor, n_rows: int, m: int) -> int:
+    if _settings.dot != "auto":
+        return _DOT[_settings.dot]
+    pairs_per_expert = idx.numel() / max(n_rows // max(int(m), 1), 1)
+    return _DOT["expert" if pairs_per_expert >= AUTO_EXPERT_REUSE else "token"]
 
 
 def gather_axpy(w: Tensor, idx: Tensor, V: Tensor, m: int = 1) -> Tensor:

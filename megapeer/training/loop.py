@@ -9,7 +9,8 @@ import torch
 from megatron.core import parallel_state as ps
 
 from ..config import config_to_dict, layer_kinds
-from ..models import build_model_chunks, flops_per_token, padded_vocab_size, peer_modules
+from ..models import (build_model_chunks, compile_layers, flops_per_token, padded_vocab_size,
+                      peer_modules)
 from ..models.gpt import param_dtype, transformer_config
 from ..parallel import device, init_distributed, init_model_parallel
 from . import checkpointing as ckpt
@@ -106,6 +107,9 @@ def train(cfg):
 
     tcfg = transformer_config(m, cfg.parallel, t)
     chunks = build_model_chunks(cfg, tcfg)
+    if t.compile:
+        log.info("training.compile: %d transformer layers compiled with torch.compile "
+                 "(the first steps include compilation)", compile_layers(chunks))
     dist_opt = t.use_distributed_optimizer
     if dist_opt:
         # Measured on an H200 and on CPU (2026-11-28): megatron-core 0.16.1 cannot save
