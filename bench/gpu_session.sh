@@ -35,6 +35,10 @@ has mbs2 && tput mbs2 200 --size 1b --variants mla_dense \
 has after1b && TAIL=80 tput after1b 420 --size 1b --compile --profile /tmp/after1b
 has mbs2c && tput mbs2c 200 --size 1b --variants mla_dense --compile \
   --set training.micro_batch_size=2 training.global_batch_size=8
+# CUDA graphs through torch.compile's reduce-overhead mode, micro-batch 1 and 2
+has ro1b && tput ro1b 300 --size 1b --variants mla_dense --compile reduce-overhead
+has ro1b2 && tput ro1b2 200 --size 1b --variants mla_dense --compile reduce-overhead \
+  --set training.micro_batch_size=2 training.global_batch_size=8
 has ktest && timeout 200 python3 -m pytest -q -x tests/test_peer_kernel.py 2>&1 | tail -4
 if has resume; then
   python3 -m megapeer.data.demo --out /tmp/demo --max-mb 2 >/dev/null

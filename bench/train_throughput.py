@@ -101,7 +101,7 @@ def _baseline_flops(cfg):
     return 3 * (L * per_layer + 2 * d * V)
 
 
-def run_variant(name, overrides, steps, warmup, profile_dir=None, compile_layers=False):
+def run_variant(name, overrides, steps, warmup, profile_dir=None, compile_mode=None):
     from megapeer.config import load_config
     from megapeer.models import build_model_chunks, flops_per_token, padded_vocab_size
     from megapeer.models.gpt import param_dtype, transformer_config
@@ -117,9 +117,9 @@ def run_variant(name, overrides, steps, warmup, profile_dir=None, compile_layers
         fpt = _baseline_flops(cfg)
     else:
         chunks = build_model_chunks(cfg, tcfg)
-        if compile_layers:
+        if compile_mode:
             from megapeer.models import compile_layers as compile_all
-            compile_all(chunks)
+            compile_all(chunks, compile_mode)
         fpt = flops_per_token(m, vocab_size=padded_vocab_size(m, 1))
     ddp = wrap_ddp(chunks, tcfg)
     opt = build_optimizer(ddp, t, param_dtype(t))
@@ -185,8 +185,9 @@ def main():
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="also profile two steps per variant; traces and summaries in DIR")
-    ap.add_argument("--compile", action="store_true",
-                    help="torch.compile each transformer layer (training.compile; megapeer variants)")
+    ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                    help="torch.compile each transformer layer (training.compile; megapeer "
+                         "variants); MODE: default or reduce-overhead (CUDA graphs)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides applied to every megapeer variant")
     args = ap.parse_args()
@@ -200,7 +201,7 @@ def main():
     for name in args.variants.split(","):
         ov = base + (peer if name == "mla_peer" else ["model.layer_pattern=D"])
         r = run_variant(name, ov + args.set, args.steps, args.warmup, args.profile,
-                        args.compile and name != "megatron_local")
+                        args.compile if name != "megatron_local" else None)
         r["mfu"] = r["tflops"] / rate if rate else None
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)

@@ -113,6 +113,7 @@ class TrainingConfig:
     seed: int = 1234
     recompute: Literal["none", "selective", "full"] = "none"
     compile: bool = False                  # torch.compile each transformer layer
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     eval_interval: int = 50

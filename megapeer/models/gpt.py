@@ -161,9 +161,10 @@ __all__ = ["build_model", "build_model_chunks", "padded_vocab_size", "peer_modul
            "transformer_config", "cpu_shims"]
 
 
-def compile_layers(chunks) -> int:
+def compile_layers(chunks, mode="default") -> int:
     """torch.compile every transformer layer in place (training.compile); returns the count.
 
+    mode: torch.compile's mode ('reduce-overhead' adds CUDA graphs on GPU).
     Layers share one compiled graph (parameters are graph inputs), so the cost is one
     compilation per layer kind (dense, PEER), not per layer. Inductor's pattern matcher
     is turned off: its attention rewrite (fuse_attention) fails on the MLA layer with a
@@ -177,6 +178,6 @@ def compile_layers(chunks) -> int:
     for c in chunks:
         model = c.module if isinstance(c, Float16Module) else c
         for layer in model.decoder.layers:
-            layer.compile()
+            layer.compile(mode=None if mode == "default" else mode)
             n += 1
     return n

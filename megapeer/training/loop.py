@@ -108,8 +108,9 @@ def train(cfg):
     tcfg = transformer_config(m, cfg.parallel, t)
     chunks = build_model_chunks(cfg, tcfg)
     if t.compile:
-        log.info("training.compile: %d transformer layers compiled with torch.compile "
-                 "(the first steps include compilation)", compile_layers(chunks))
+        log.info("training.compile: %d transformer layers compiled with torch.compile, "
+                 "mode %s (the first steps include compilation)",
+                 compile_layers(chunks, t.compile_mode), t.compile_mode)
     dist_opt = t.use_distributed_optimizer
     if dist_opt:
         # Measured on an H200 and on CPU (2026-11-28): megatron-core 0.16.1 cannot save
