@@ -23,7 +23,7 @@ tput() {  # name timeout args...
 }
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 has sdpa && timeout 120 python3 bench/sdpa_mla.py 2>&1 | tee "$OUT/sdpa.txt"
-has t100m && tput t100m 300 --size 100m
+has t100m && tput t100m 200 --size 100m
 has t1b && tput t1b 400 --size 1b
 # eager 1B runs with two profiled steps per variant (traces and summaries in $OUT/prof1b)
 has prof1b && TAIL=80 tput prof1b 420 --size 1b --profile /tmp/prof1b
@@ -36,9 +36,10 @@ has after1b && TAIL=80 tput after1b 420 --size 1b --compile --profile /tmp/after
 has mbs2c && tput mbs2c 200 --size 1b --variants mla_dense --compile \
   --set training.micro_batch_size=2 training.global_batch_size=8
 # CUDA graphs through torch.compile's reduce-overhead mode, micro-batch 1 and 2
-has ro1b && tput ro1b 300 --size 1b --variants mla_dense --compile reduce-overhead
-has ro1b2 && tput ro1b2 200 --size 1b --variants mla_dense --compile reduce-overhead \
+has ro1b && tput ro1b 200 --size 1b --variants mla_dense --compile reduce-overhead
+has ro1b2 && tput ro1b2 150 --size 1b --variants mla_dense --compile reduce-overhead \
   --set training.micro_batch_size=2 training.global_batch_size=8
+has topk && timeout 60 python3 bench/peer_topk.py 2>&1 | tee "$OUT/topk.txt"
 has ktest && timeout 200 python3 -m pytest -q -x tests/test_peer_kernel.py 2>&1 | tail -4
 if has resume; then
   python3 -m megapeer.data.demo --out /tmp/demo --max-mb 2 >/dev/null

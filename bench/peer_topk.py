@@ -1,0 +1,46 @@
+"""PEER retrieval's top-k: torch.topk against sort-then-slice on the shapes PEER uses.
+
+Product-key retrieval calls top-k on many short rows (tokens x heads rows of sub-key
+scores, then of the combined candidates). Prints median ms per call (CUDA events).
+
+  python bench/peer_topk.py
+"""
+import torch
+
+SHAPES = [  # (label, rows, width, k)
+    ("100M sub-keys: 16384 tok x 8 heads, 256 keys", 131072, 256, 16),
+    ("100M candidates: 16x16", 131072, 256, 16),
+    ("1B sub-keys: 4096 tok x 16 heads, 64 keys", 65536, 64, 32),
+    ("1B candidates: 32x32", 65536, 1024, 32),
+]
+
+
+def median_ms(fn, reps=20):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16")
+    print(f"{'shape':48s} {'topk ms':>8s} {'sort ms':>8s} {'same':>5s}")
+    for label, rows, width, k in SHAPES:
+        x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+        a = x.topk(k, dim=-1)
+        b = x.sort(dim=-1, descending=True)
+        same = torch.equal(a.values, b.values[:, :k])
+        t1 = median_ms(lambda: x.topk(k, dim=-1))
+        t2 = median_ms(lambda: x.sort(dim=-1, descending=True))
+        print(f"{label:48s} {t1:8.3f} {t2:8.3f} {str(same):>5s}")
+
+
+if __name__ == "__main__":
+    main()
