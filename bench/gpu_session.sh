@@ -39,6 +39,7 @@ has mbs2c && tput mbs2c 200 --size 1b --variants mla_dense --compile \
 has ro1b && tput ro1b 200 --size 1b --variants mla_dense --compile reduce-overhead
 has ro1b2 && tput ro1b2 150 --size 1b --variants mla_dense --compile reduce-overhead \
   --set training.micro_batch_size=2 training.global_batch_size=8
+has ccheck && timeout 240 python3 bench/compile_check.py 2>&1 | grep -v -i warn | tee "$OUT/ccheck.txt" | tail -4
 has topk && timeout 60 python3 bench/peer_topk.py 2>&1 | tee "$OUT/topk.txt"
 has ktest && timeout 200 python3 -m pytest -q -x tests/test_peer_kernel.py 2>&1 | tail -4
 if has resume; then
