@@ -13,7 +13,7 @@ if [[ ! -d /tmp/site/megatron ]]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv
-python3 -c "import megapeer._C" 2>/dev/null || bash bench/peer_gpu_check.sh build 2>&1 | tail -3
+[[ -n ${SKIP_BUILD:-} ]] || python3 -c "import megapeer._C" 2>/dev/null || bash bench/peer_gpu_check.sh build 2>&1 | tail -3
 python3 -m megapeer.cli info | grep -i peer
 STAGES=${STAGES:-sdpa,t100m,t1b,resume}
 tput() {  # name timeout args...
@@ -46,6 +46,12 @@ if has resume; then
   python3 -m megapeer.data.demo --out /tmp/demo --max-mb 2 >/dev/null
   timeout 240 python3 bench/resume_check.py --data /tmp/demo --steps 8 \
     training.use_distributed_optimizer=true 2>&1 | grep -v -i warn | tee "$OUT/resume.txt" | tail -8
+fi
+if has eplabel; then  # one EP2 layout: PEER's labelled collectives in the profile
+  python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null
+  timeout 300 python3 bench/layout_scaling.py --data /tmp/demo --gpus 2 --steps 7 --no-weak \
+    --only "EP2 (DP2)" 2>&1 | grep -v -i warn | tail -6
+  cat /tmp/layouts/EP2_DP2/profile/summary_rank0.txt
 fi
 if has layouts; then
   [[ -f /tmp/demo/tokenizer.model ]] || python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null

@@ -71,6 +71,7 @@ def main():
     ap.add_argument("--out", default="/tmp/layouts")
     ap.add_argument("--json", default=None)
     ap.add_argument("--size", default="100m", choices=sorted(SIZES))
+    ap.add_argument("--only", default=None, help="comma-separated layout names to run")
     ap.add_argument("--no-weak", action="store_true", help="skip the weak-scaling runs")
     a = ap.parse_args()
     import torch
@@ -82,8 +83,9 @@ def main():
     init = run("init", 1, gb, a.data, a.steps, a.out, a.size)
     if not init:
         sys.exit("the 1-GPU initial run failed")
+    only = a.only.split(",") if a.only else None
     for name, n, extra in EQUAL:
-        if n <= a.gpus:
+        if n <= a.gpus and (only is None or name in only):
             res[name] = run(name, n, gb + extra, a.data, a.steps, a.out, a.size, init)
             print(name, json.dumps(res[name] and {k: v for k, v in res[name].items()
                                                    if k not in ("loss", "profile")}), flush=True)

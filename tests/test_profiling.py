@@ -34,9 +34,14 @@ def test_summary_of_two_steps():
                                                             150, 100),
         _x("gemm_a", "kernel", 10, 30), _x("gemm_a", "kernel", 160, 30),
         _x("flash_fwd", "kernel", 35, 20),                  # overlaps the GEMM by 5 us
-        _x("ncclDevKernel_AllReduce", "kernel", 60, 10), _x("ncclDevKernel_AllGather",
-                                                            "kernel", 200, 20),
-        _x("peer.comm", "gpu_user_annotation", 58, 14),      # only the first NCCL kernel
+        # NCCL kernels launched (correlation 1 and 2) from thread 7; only the first launch
+        # is inside a 'peer.comm' span of that thread (another thread's span does not count)
+        _x("ncclDevKernel_AllReduce", "kernel", 60, 10, args={"correlation": 1}),
+        _x("ncclDevKernel_AllGather", "kernel", 200, 20, args={"correlation": 2}),
+        _x("cudaLaunchKernelExC", "cuda_runtime", 52, 2, pid=1, tid=7, args={"correlation": 1}),
+        _x("cuLaunchKernelEx", "cuda_driver", 170, 2, pid=1, tid=7, args={"correlation": 2}),
+        _x("peer.comm", "user_annotation", 50, 10, pid=1, tid=7),
+        _x("peer.comm", "user_annotation", 165, 10, pid=1, tid=8),
         _x("Memset (Device)", "gpu_memset", 80, 4),
         _x("elementwise_kernel", "kernel", 400, 50),         # outside the steps: ignored
         {"ph": "i", "name": "marker", "ts": 5},

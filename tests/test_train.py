@@ -188,3 +188,16 @@ def test_compiled_layers_train_like_eager(demo, reference, tmp_path):
     l, ref = losses(run), losses(reference)
     for s in range(1, STEPS + 1):
         assert abs(l[s] - ref[s]) <= 1e-4 * abs(ref[s]), (s, l[s], ref[s])
+
+
+@pytest.mark.timeout(900)
+def test_compiled_layers_under_tensor_parallel(demo, tmp_path):
+    """training.compile with TP2 (collectives inside the compiled layers): eager's losses."""
+    out = {}
+    for flag in ("false", "true"):
+        run = str(tmp_path / f"tp2_{flag}")
+        train(demo, run, ["parallel.tensor=2", "training.train_iters=4",
+                          "checkpoint.save=false", f"training.compile={flag}"], nproc=2)
+        out[flag] = losses(run)
+    for s in range(1, 5):
+        assert abs(out["true"][s] - out["false"][s]) <= 1e-4 * abs(out["false"][s]), s

@@ -7,8 +7,9 @@ Chrome trace per rank and a summary that sorts every GPU kernel into a category:
   elementwise / norms / other, and idle (step wall time with no kernel running).
 
 Code wrapped in `record_function(label)` for a label in LABELS is also reported on
-its own (kernels that ran inside the label's GPU span): PEER's forward collectives
-(`peer.comm`) and the data-parallel gradient reduction (`grad_sync`).
+its own (kernels launched from inside the label's CPU span, matched by correlation
+id): PEER's forward collectives (`peer.comm`) and the data-parallel gradient
+reduction (`grad_sync`).
 See docs/profile.md.
 """
 import json
@@ -69,9 +70,16 @@ def summarize_trace(trace):
     wall = _union(steps)
     kernels = [e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
                and lo <= e["ts"] + e["dur"] / 2 <= hi]
-    spans = {lab: [(e["ts"], e["ts"] + e["dur"]) for e in ev
-                   if e.get("cat") == "gpu_user_annotation" and e.get("name") == lab]
-             for lab in LABELS}
+    # A kernel is inside a label when the CPU call that launched it (same correlation id)
+    # ran inside the label's CPU span on the same thread.
+    launch = {e["args"]["correlation"]: (e.get("pid"), e.get("tid"), e["ts"]) for e in ev
+              if e.get("cat") in ("cuda_runtime", "cuda_driver")
+              and "correlation" in e.get("args", {})}
+    spans = {lab: {} for lab in LABELS}
+    for e in ev:
+        if e.get("cat") == "user_annotation" and e.get("name") in spans:
+            spans[e["name"]].setdefault((e.get("pid"), e.get("tid")), []).append(
+                (e["ts"], e["ts"] + e["dur"]))
     cats = dict.fromkeys(CATEGORIES, 0.0)
     labels = dict.fromkeys(LABELS, 0.0)
     per_name = {}
@@ -81,9 +89,11 @@ def summarize_trace(trace):
         k = per_name.setdefault(e["name"], [c, 0.0, 0])
         k[1] += e["dur"]
         k[2] += 1
-        mid = e["ts"] + e["dur"] / 2
-        for lab, sp in spans.items():
-            if any(a <= mid <= b for a, b in sp):
+        src = launch.get(e.get("args", {}).get("correlation"))
+        if src is None:
+            continue
+        for lab, by_thread in spans.items():
+            if any(a <= src[2] <= b for a, b in by_thread.get(src[:2], ())):
                 labels[lab] += e["dur"]
     busy = _union([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
     ms = 1e-3 / n
