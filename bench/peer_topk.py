@@ -5,7 +5,13 @@ scores, then of the combined candidates). Prints median ms per call (CUDA events
 
   python bench/peer_topk.py
 """
+import os
+import sys
+
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.sdpa_mla import timed as median_ms  # noqa: E402  (median ms, CUDA events)
 
 SHAPES = [  # (label, rows, width, k)
     ("100M sub-keys: 16384 tok x 8 heads, 256 keys", 131072, 256, 16),
@@ -13,20 +19,6 @@ SHAPES = [  # (label, rows, width, k)
     ("1B sub-keys: 4096 tok x 16 heads, 64 keys", 65536, 64, 32),
     ("1B candidates: 32x32", 65536, 1024, 32),
 ]
-
-
-def median_ms(fn, reps=20):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return sorted(times)[len(times) // 2]
 
 
 def main():
