@@ -33,6 +33,10 @@ def info() -> int:
     ok, why = kernel_status()
     print(f"PEER expert step: {'fused CUDA kernels' if ok else 'plain PyTorch reference'}"
           f"{'' if ok else ' (' + why + ')'}")
+    from .ops import peer_grouped
+    gok, gwhy = peer_grouped.available()
+    print(f"grouped Triton kernels (model.peer.kernel=grouped): "
+          f"{'available' if gok else 'unavailable: ' + gwhy}")
     return 0
 
 

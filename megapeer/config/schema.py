@@ -39,7 +39,7 @@ class PEERConfig:
     activation: Literal["gelu", "relu", "silu"] = "gelu"
     expert_hidden: int = 1                 # 1 = single-neuron experts
     init_std: Optional[float] = None       # table init std (default: model.init_method_std)
-    kernel: Literal["auto", "reference", "fused"] = "auto"
+    kernel: Literal["auto", "reference", "fused", "grouped"] = "auto"
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 mode: 'reference' always uses ops/peer_ref.py; 'fused' requires the compiled
 extension and CUDA tensors (error otherwise); 'auto' uses fused when both are
-available and falls back to the reference otherwise.
+available and falls back to the reference otherwise; 'grouped' uses the Triton
+grouped-matmul kernels of ops/peer_grouped.py (many tokens per expert; error when
+Triton cannot run).
 """
 import torch
 
@@ -20,7 +22,7 @@ def kernel_status():
     return peer_cuda.available()
 
 
-_MODES = ("auto", "fused", "reference")
+_MODES = ("auto", "fused", "reference", "grouped")
 
 
 def _use_fused(mode: str, *tensors: torch.Tensor) -> bool:
@@ -45,7 +47,20 @@ def _use_fused(mode: str, *tensors: torch.Tensor) -> bool:
     return peer_cuda.supports(*tensors)
 
 
+def _grouped(mode):
+    if mode != "grouped":
+        return None
+    from . import peer_grouped
+    ok, why = peer_grouped.available()
+    if not ok:
+        raise RuntimeError(f"model.peer.kernel=grouped but {why}")
+    return peer_grouped
+
+
 def gather_dot(x, idx, U, m: int = 1, mode: str = "auto"):
+    g = _grouped(mode)
+    if g is not None:
+        return g.gather_dot(x, idx, U, m)
     if _use_fused(mode, x, U):
         from . import peer_cuda
         return peer_cuda.gather_dot(x, idx, U, m)
@@ -53,6 +68,9 @@ def gather_dot(x, idx, U, m: int = 1, mode: str = "auto"):
 
 
 def gather_axpy(w, idx, V, m: int = 1, mode: str = "auto"):
+    g = _grouped(mode)
+    if g is not None:
+        return g.gather_axpy(w, idx, V, m)
     if _use_fused(mode, w, V):
         from . import peer_cuda
         return peer_cuda.gather_axpy(w, idx, V, m)

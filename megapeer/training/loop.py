@@ -288,6 +288,10 @@ def _log_model_summary(cfg, chunks):
              "Transformer Engine" if attention_backend(m) == "te" else "torch SDPA (local spec)")
     from ..ops import kernel_status
     ok, why = kernel_status()
-    log.info("PEER expert kernel: %s (model.peer.kernel=%s)",
-             "fused CUDA" if ok and m.peer.kernel != "reference" else f"reference ({why})"
-             if not ok else "reference (forced)", m.peer.kernel)
+    if m.peer.kernel == "grouped":
+        what = "grouped Triton kernels"
+    elif m.peer.kernel == "reference":
+        what = "reference (forced)"
+    else:
+        what = "fused CUDA" if ok else f"reference ({why})"
+    log.info("PEER expert kernel: %s (model.peer.kernel=%s)", what, m.peer.kernel)

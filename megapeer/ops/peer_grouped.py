@@ -1,0 +1,207 @@
+"""PEER's expert step as grouped matmuls on tensor cores (Triton), for many tokens per expert.
+
+The same two functions as ops/peer_ref.py:
+
+    s   = gather_dot(x, idx, U, m)     s[t,h,k,j] = U[idx[t,h,k]*m + j] . x[t]
+    out = gather_axpy(w, idx, V, m)    out[t] = sum_{h,k,j} w[t,h,k,j] * V[idx[t,h,k]*m + j]
+
+When each expert is chosen by many tokens in a call (PEER at equal active FLOPs: a few
+thousand experts of width m >= 16, hundreds of pairs per expert), every pass is a grouped
+GEMM: the (token, expert) pairs are sorted by expert and cut into blocks of BM pairs of
+one expert, and each block multiplies its gathered token rows [BM, d] with the expert's
+m table rows on tensor cores (`tl.dot`):
+
+  dot      s[pairs]  = X[tokens] . U_e^T            per block, [BM, d] x [d, m]
+  axpy     out[tok] += w[pairs] . V_e               per block, fp32 atomics into [T, d]
+  scatter  grad_e    = coef[pairs]^T . S[tokens]    per expert, all its blocks, no atomics
+
+Backward: gather_dot -> grad_x = axpy(grad_s, U), grad_U = scatter(grad_s, x);
+gather_axpy -> grad_V = scatter(w, grad_out), grad_w = dot(grad_out, V).
+The axpy sums with atomics, so its result is not bitwise repeatable; the others are.
+m is padded to 16 inside the kernels (tensor-core tiles); fp32 inputs use IEEE fp32 dots.
+
+Select it with model.peer.kernel=grouped. It runs wherever Triton runs: CUDA GPUs, and
+the CPU under TRITON_INTERPRET=1 (how the tests check it against the reference).
+Status: correct against the reference (tests/test_peer_grouped.py, Triton interpreter);
+not yet timed on a GPU (docs/kernels.md).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import peer_ref
+
+BM, BK, BN = 64, 64, 64  # pairs per block, d-chunk of the dot, d-tile of axpy/scatter
+
+_kernels = None
+
+
+def _k():
+    """The Triton kernels (ops/peer_grouped_kernels.py, imported on first use)."""
+    global _kernels
+    if _kernels is None:
+        import triton
+
+        from . import peer_grouped_kernels as pk
+        _kernels = (triton, pk.dot_kernel, pk.axpy_kernel, pk.scatter_kernel)
+    return _kernels
+
+
+class _Layout:
+    """(token, expert) pairs sorted by expert and cut into blocks of BM pairs of one expert.
+
+    Built with torch ops on the device and sized by upper bounds, so no host sync.
+    """
+
+    def __init__(self, idx: Tensor, n_exp: int):
+        flat = idx.reshape(-1)
+        self.P = flat.numel()
+        self.hk = self.P // idx.shape[0]
+        self.n_exp = n_exp
+        self.order = torch.argsort(flat, stable=True).to(torch.int32)
+        self.counts = torch.bincount(flat, minlength=n_exp)[:n_exp].to(torch.int32)
+        self.expert_off = (torch.cumsum(self.counts, 0) - self.counts).to(torch.int32)
+        blocks = (self.counts + BM - 1) // BM
+        block_end = torch.cumsum(blocks, 0)
+        self.block_start = (block_end - blocks).to(torch.int32)
+        self.n_blocks = (self.P + BM - 1) // BM + n_exp    # upper bound
+        b = torch.arange(self.n_blocks, device=idx.device)
+        e = torch.searchsorted(block_end, b, right=True)
+        self.block_expert = torch.where(e < n_exp, e, -1).to(torch.int32)
+
+    def args(self):
+        return (self.order, self.block_expert, self.block_start, self.expert_off, self.counts,
+                self.hk)
+
+
+def _mb(m: int) -> int:
+    return max(16, 1 << (int(m) - 1).bit_length())
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("megapeer::grouped_dot", mutates_args=())
+def _dot_op(x: Tensor, idx: Tensor, tab: Tensor, m: int) -> Tensor:
+    triton, dot_kernel, _, _ = _k()
+    x, tab = _rows(x), _rows(tab)
+    lay = _Layout(idx, tab.shape[0] // m)
+    s = torch.empty(*idx.shape, m, dtype=x.dtype, device=x.device)
+    d = x.shape[1]
+    dot_kernel[(lay.n_blocks,)](x, x.stride(0), tab, tab.stride(0), s, *lay.args(), m, d,
+                                BM=BM, MB=_mb(m), BK=BK, IEEE=x.dtype == torch.float32)
+    return s
+
+
+@_dot_op.register_fake
+def _(x, idx, tab, m):
+    return x.new_empty((*idx.shape, m))
+
+
+@torch.library.custom_op("megapeer::grouped_axpy", mutates_args=())
+def _axpy_op(w: Tensor, idx: Tensor, tab: Tensor, m: int) -> Tensor:
+    triton, _, axpy_kernel, _ = _k()
+    tab = _rows(tab)
+    w = w.contiguous()
+    lay = _Layout(idx, tab.shape[0] // m)
+    T, d = idx.shape[0], tab.shape[1]
+    out = torch.zeros(T, d, dtype=torch.float32, device=tab.device)
+    axpy_kernel[(lay.n_blocks, triton.cdiv(d, BN))](w, tab, tab.stride(0), out, *lay.args(), m, d,
+                                                    BM=BM, MB=_mb(m), BN=BN,
+                                                    IEEE=tab.dtype == torch.float32)
+    return out.to(tab.dtype)
+
+
+@_axpy_op.register_fake
+def _(w, idx, tab, m):
+    return tab.new_empty((idx.shape[0], tab.shape[1]))
+
+
+@torch.library.custom_op("megapeer::grouped_scatter", mutates_args=())
+def _scatter_op(coef: Tensor, idx: Tensor, src: Tensor, n_rows: int, m: int) -> Tensor:
+    triton, _, _, scatter_kernel = _k()
+    src = _rows(src)
+    coef = coef.contiguous()
+    n_exp = n_rows // m
+    lay = _Layout(idx, n_exp)
+    d = src.shape[1]
+    grad = torch.empty(n_rows, d, dtype=src.dtype, device=src.device)
+    scatter_kernel[(n_exp, triton.cdiv(d, BN))](coef, src, src.stride(0), grad, lay.order,
+                                                lay.expert_off, lay.counts, lay.hk, m, d,
+                                                BM=BM, MB=_mb(m), BN=BN,
+                                                IEEE=src.dtype == torch.float32)
+    return grad
+
+
+@_scatter_op.register_fake
+def _(coef, idx, src, n_rows, m):
+    return src.new_empty((n_rows, src.shape[1]))
+
+
+def _dot_setup(ctx, inputs, output):
+    x, idx, tab, m = inputs
+    ctx.save_for_backward(x, idx, tab)
+    ctx.m = m
+
+
+def _dot_backward(ctx, grad_s):
+    x, idx, tab = ctx.saved_tensors
+    gx = gt = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.megapeer.grouped_axpy(grad_s, idx, tab, ctx.m)
+    if ctx.needs_input_grad[2]:
+        gt = torch.ops.megapeer.grouped_scatter(grad_s, idx, x, tab.shape[0], ctx.m)
+    return gx, None, gt, None
+
+
+def _axpy_setup(ctx, inputs, output):
+    w, idx, tab, m = inputs
+    ctx.save_for_backward(w, idx, tab)
+    ctx.m = m
+
+
+def _axpy_backward(ctx, grad_out):
+    w, idx, tab = ctx.saved_tensors
+    gw = gt = None
+    if ctx.needs_input_grad[0]:
+        gw = torch.ops.megapeer.grouped_dot(grad_out, idx, tab, ctx.m)
+    if ctx.needs_input_grad[2]:
+        gt = torch.ops.megapeer.grouped_scatter(w, idx, grad_out, tab.shape[0], ctx.m)
+    return gw, None, gt, None
+
+
+torch.library.register_autograd("megapeer::grouped_dot", _dot_backward, setup_context=_dot_setup)
+torch.library.register_autograd("megapeer::grouped_axpy", _axpy_backward,
+                                setup_context=_axpy_setup)
+
+
+def available():
+    """(ok, reason): whether the grouped Triton path can run here."""
+    import os
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"Triton is not installed ({e})"
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "grouped Triton kernels"
+    return False, "needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)"
+
+
+def gather_dot(x: Tensor, idx: Tensor, U: Tensor, m: int = 1) -> Tensor:
+    return torch.ops.megapeer.grouped_dot(x, idx.long(), U, int(m))
+
+
+def gather_axpy(w: Tensor, idx: Tensor, V: Tensor, m: int = 1) -> Tensor:
+    return torch.ops.megapeer.grouped_axpy(w, idx.long(), V, int(m))
+
+
+def peer_experts(x, idx, gates, U, V, act, m: int = 1):
+    """Single-process expert step on the grouped ops (as peer_ref.peer_experts)."""
+    s = gather_dot(x, idx, U, m)
+    w = act(s) * gates.unsqueeze(-1)
+    return gather_axpy(w, idx, V, m)
+
+
+__all__ = ["available", "gather_dot", "gather_axpy", "peer_experts", "peer_ref"]

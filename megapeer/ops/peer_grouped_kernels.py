@@ -1,0 +1,92 @@
+"""Triton kernels of ops/peer_grouped.py (read that first). Imported only when used.
+
+Each block holds up to BM (token, expert) pairs of one expert, sorted by expert; offsets
+are int64. m is padded to MB >= 16 (tensor-core tiles) and masked.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _block(b, order, block_expert, block_start, expert_off, counts, hk,
+           BM: tl.constexpr):
+    e = tl.load(block_expert + b)
+    es = tl.maximum(e, 0)
+    local = (b - tl.load(block_start + es)) * BM + tl.arange(0, BM)
+    cnt = tl.where(e >= 0, tl.load(counts + es), 0)
+    valid = local < cnt
+    pair = tl.load(order + tl.load(expert_off + es) + local, mask=valid, other=0).to(tl.int64)
+    return es.to(tl.int64), pair, pair // hk, valid
+
+
+@triton.jit
+def dot_kernel(x, ldx, tab, ldt, s, order, block_expert, block_start, expert_off, counts,
+               hk, m, d, BM: tl.constexpr, MB: tl.constexpr, BK: tl.constexpr,
+               IEEE: tl.constexpr):
+    e, pair, tok, valid = _block(tl.program_id(0), order, block_expert, block_start,
+                                 expert_off, counts, hk, BM)
+    j = tl.arange(0, MB)
+    jv = j < m
+    rows = e * m + j
+    acc = tl.zeros((BM, MB), dtype=tl.float32)
+    for k0 in range(0, d, BK):
+        kk = k0 + tl.arange(0, BK)
+        km = kk < d
+        xt = tl.load(x + tok[:, None] * ldx + kk[None, :], mask=valid[:, None] & km[None, :],
+                     other=0.0)
+        ut = tl.load(tab + rows[:, None] * ldt + kk[None, :], mask=jv[:, None] & km[None, :],
+                     other=0.0)
+        if IEEE:
+            acc += tl.dot(xt, tl.trans(ut), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, tl.trans(ut))
+    tl.store(s + pair[:, None] * m + j[None, :], acc.to(s.dtype.element_ty),
+             mask=valid[:, None] & jv[None, :])
+
+@triton.jit
+def axpy_kernel(coef, tab, ldt, out, order, block_expert, block_start, expert_off, counts,
+                hk, m, d, BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
+                IEEE: tl.constexpr):
+    e, pair, tok, valid = _block(tl.program_id(0), order, block_expert, block_start,
+                                 expert_off, counts, hk, BM)
+    j = tl.arange(0, MB)
+    jv = j < m
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nm = n < d
+    c = tl.load(coef + pair[:, None] * m + j[None, :], mask=valid[:, None] & jv[None, :],
+                other=0.0)
+    v = tl.load(tab + (e * m + j)[:, None] * ldt + n[None, :], mask=jv[:, None] & nm[None, :],
+                other=0.0)
+    if IEEE:
+        acc = tl.dot(c, v, input_precision="ieee")
+    else:
+        acc = tl.dot(c, v)
+    tl.atomic_add(out + tok[:, None] * d + n[None, :], acc, mask=valid[:, None] & nm[None, :])
+
+@triton.jit
+def scatter_kernel(coef, src, lds, grad, order, expert_off, counts, hk, m, d,
+                   BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
+                   IEEE: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, MB)
+    jv = j < m
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nm = n < d
+    cnt = tl.load(counts + e)
+    off = tl.load(expert_off + e)
+    acc = tl.zeros((MB, BN), dtype=tl.float32)
+    for start in range(0, cnt, BM):
+        local = start + tl.arange(0, BM)
+        valid = local < cnt
+        pair = tl.load(order + off + local, mask=valid, other=0).to(tl.int64)
+        tok = pair // hk
+        c = tl.load(coef + pair[:, None] * m + j[None, :], mask=valid[:, None] & jv[None, :],
+                    other=0.0)
+        sx = tl.load(src + tok[:, None] * lds + n[None, :], mask=valid[:, None] & nm[None, :],
+                     other=0.0)
+        if IEEE:
+            acc += tl.dot(tl.trans(c), sx, input_precision="ieee")
+        else:
+            acc += tl.dot(tl.trans(c), sx)
+    tl.store(grad + (e * m + j)[:, None] * d + n[None, :], acc.to(grad.dtype.element_ty),
+             mask=jv[:, None] & nm[None, :])
