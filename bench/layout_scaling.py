@@ -4,9 +4,9 @@ Each layout trains the same ~100M-active MLA+PEER model (128^2 experts per PEER 
 through the real trainer (torchrun). Equal-batch runs (global batch 16 x 2048) compare
 per-step losses with the 1-GPU run (bf16); weak-scaling runs keep 16 sequences per GPU
 (DPn at global batch 16n) and report tokens/s per GPU against 1 GPU. The last two steps of
-every run are profiled (logging.profile_steps): NCCL time per step, PEER's own forward
-collectives (the 'peer.comm' spans; their backward moves the same bytes) and the
-data-parallel gradient reduction ('grad_sync'), as a share of the step.
+every run are profiled (logging.profile_steps): NCCL time per step, PEER's own
+collectives, forward and backward (the 'peer.comm' spans), and the data-parallel
+gradient reduction ('grad_sync'), as a share of the step.
 
   python bench/layout_scaling.py --data DIR [--gpus 4] [--steps 12]
 """
@@ -59,7 +59,7 @@ def run(name, nproc, extra, data, steps, out, size="100m", init=None):
     return {"loss": {r["step"]: r["loss"] for r in recs}, "tokens_per_s": tps[len(tps) // 2],
             "mem_gib": max(r.get("mem_gib") or 0 for r in recs),
             "nccl_frac": prof["categories_ms"]["communication (NCCL)"] / w,
-            "peer_comm_frac": 2 * prof["labels_ms"]["peer.comm"] / w,
+            "peer_comm_frac": prof["labels_ms"]["peer.comm"] / w,
             "grad_sync_frac": prof["labels_ms"]["grad_sync"] / w, "profile": prof}
 
 

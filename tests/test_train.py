@@ -201,3 +201,22 @@ def test_compiled_layers_under_tensor_parallel(demo, tmp_path):
         out[flag] = losses(run)
     for s in range(1, 5):
         assert abs(out["true"][s] - out["false"][s]) <= 1e-4 * abs(out["false"][s]), s
+
+
+@pytest.mark.timeout(600)
+def test_profile_labels_peer_collectives_under_tp2(demo, tmp_path):
+    """Under TP2 every PEER collective, forward and backward, runs inside a 'peer.comm'
+    span of the trace (per PEER layer and micro-batch: the forward all-reduce of the dot
+    products and all-gather of the output, the backward all-reduces of grad x and grad w)."""
+    run = str(tmp_path / "tp2prof")
+    train(demo, run, ["parallel.tensor=2", "training.train_iters=3", "checkpoint.save=false",
+                      "logging.profile_steps=[2,3]"], nproc=2)
+    ev = [e for e in json.load(open(os.path.join(run, "profile", "trace_rank0.json")))
+          ["traceEvents"] if e.get("ph") == "X"]
+    spans = [(e["tid"], e["ts"], e["ts"] + e["dur"]) for e in ev
+             if e.get("name") == "peer.comm" and e.get("cat") == "user_annotation"]
+    inside = [e["name"] for e in ev if e.get("cat") == "cpu_op" and e["name"].startswith("c10d::")
+              and any(t == e["tid"] and a <= e["ts"] <= b for t, a, b in spans)]
+    n = 2 * 2 * 1  # profiled steps x micro-batches x PEER layers
+    assert sorted(set(inside)) == ["c10d::_allgather_base_", "c10d::allreduce_"], inside
+    assert inside.count("c10d::allreduce_") == 3 * n and inside.count("c10d::_allgather_base_") == n

@@ -141,9 +141,9 @@ class PEER(MegatronModule):
         mode = self.peer.kernel
         if self.ep_size > 1:
             group = ps.get_expert_model_parallel_group()
-            with record_function("peer.comm"):
-                x = mappings.gather_from_sequence_parallel_region(x, True, group=group)
-                gates = mappings.gather_from_sequence_parallel_region(gates, True, group=group)
+            x = _comm(mappings.gather_from_sequence_parallel_region, x, True, group=group)
+            gates = _comm(mappings.gather_from_sequence_parallel_region, gates, True, group=group)
+            with record_function(COMM_LABEL):
                 idx = _all_gather_rows(idx, group)
             idx = idx - self.ep_rank * self.n_local
             own = (idx >= 0) & (idx < self.n_local)
@@ -152,21 +152,19 @@ class PEER(MegatronModule):
         if self.tp_size > 1:
             tp = ps.get_tensor_model_parallel_group()
             lo = self.tp_rank * self.d_local
-            xs = mappings.copy_to_tensor_model_parallel_region(x, group=tp)[:, lo:lo + self.d_local]
-            s = gather_dot(xs, idx, self.U, self.m, mode)
-            with record_function("peer.comm"):
-                s = mappings.reduce_from_tensor_model_parallel_region(s, group=tp)
+            xs = _comm(mappings.copy_to_tensor_model_parallel_region, x, group=tp)
+            s = gather_dot(xs[:, lo:lo + self.d_local], idx, self.U, self.m, mode)
+            s = _comm(mappings.reduce_from_tensor_model_parallel_region, s, group=tp)
         else:
             s = gather_dot(x, idx, self.U, self.m, mode)
         w = self.act(s) * gates.unsqueeze(-1)
         if self.tp_size > 1:
-            w = mappings.copy_to_tensor_model_parallel_region(w, group=tp)
+            w = _comm(mappings.copy_to_tensor_model_parallel_region, w, group=tp)
         out = gather_axpy(w, idx, self.V, self.m, mode)
-        with record_function("peer.comm"):  # a label for profiles (training/profiling.py)
-            if self.ep_size > 1:
-                out = mappings.reduce_scatter_to_sequence_parallel_region(out, group=group)
-            if self.tp_size > 1:
-                out = mappings.gather_from_tensor_model_parallel_region(out, group=tp)
+        if self.ep_size > 1:
+            out = _comm(mappings.reduce_scatter_to_sequence_parallel_region, out, group=group)
+        if self.tp_size > 1:
+            out = _comm(mappings.gather_from_tensor_model_parallel_region, out, group=tp)
         return out
 
     def forward(self, hidden_states, padding_mask=None):
@@ -226,6 +224,53 @@ class PEER(MegatronModule):
                 (n_pre + 0, self.ep_rank, self.ep_size), (n_pre + 1, self.tp_rank, self.tp_size),
                 replica_id=(0, 0, edp_rank), prepend_axis_num=n_pre)
         return sd
+
+
+COMM_LABEL = "peer.comm"   # profiler label of PEER's collectives (training/profiling.py)
+
+
+def _comm(fn, x, *args, **kwargs):
+    """fn(x, ...) (a Megatron mapping) with its forward and backward collectives inside
+    record_function(COMM_LABEL) spans, so that profiles can tell PEER's communication apart.
+
+    The backward span opens in the backward of a marker after fn and closes in the
+    backward of a marker before it; the autograd engine runs fn's backward in between.
+    """
+    if not (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+        with record_function(COMM_LABEL):
+            return fn(x, *args, **kwargs)
+    box = []
+    x = _CloseSpan.apply(x, box)
+    with record_function(COMM_LABEL):
+        y = fn(x, *args, **kwargs)
+    return _OpenSpan.apply(y, box)
+
+
+class _OpenSpan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, box):
+        ctx.box = box
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        rf = record_function(COMM_LABEL)
+        rf.__enter__()
+        ctx.box.append(rf)
+        return g, None
+
+
+class _CloseSpan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, box):
+        ctx.box = box
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.box:
+            ctx.box.pop().__exit__(None, None, None)
+        return g, None
 
 
 class _nullctx:

@@ -8,8 +8,8 @@ Chrome trace per rank and a summary that sorts every GPU kernel into a category:
 
 Code wrapped in `record_function(label)` for a label in LABELS is also reported on
 its own (kernels launched from inside the label's CPU span, matched by correlation
-id): PEER's forward collectives (`peer.comm`) and the data-parallel gradient
-reduction (`grad_sync`).
+id): PEER's collectives, forward and backward (`peer.comm`), and the data-parallel
+gradient reduction (`grad_sync`).
 See docs/profile.md.
 """
 import json
