@@ -240,37 +240,29 @@ def _comm(fn, x, *args, **kwargs):
         with record_function(COMM_LABEL):
             return fn(x, *args, **kwargs)
     box = []
-    x = _CloseSpan.apply(x, box)
+    x = _SpanMarker.apply(x, box, False)
     with record_function(COMM_LABEL):
         y = fn(x, *args, **kwargs)
-    return _OpenSpan.apply(y, box)
+    return _SpanMarker.apply(y, box, True)
 
 
-class _OpenSpan(torch.autograd.Function):
+class _SpanMarker(torch.autograd.Function):
+    """Identity; its backward opens (opens=True) or closes the backward span in `box`."""
+
     @staticmethod
-    def forward(ctx, x, box):
-        ctx.box = box
+    def forward(ctx, x, box, opens):
+        ctx.box, ctx.opens = box, opens
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
-        rf = record_function(COMM_LABEL)
-        rf.__enter__()
-        ctx.box.append(rf)
-        return g, None
-
-
-class _CloseSpan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, box):
-        ctx.box = box
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        if ctx.box:
+        if ctx.opens:
+            rf = record_function(COMM_LABEL)
+            rf.__enter__()
+            ctx.box.append(rf)
+        elif ctx.box:
             ctx.box.pop().__exit__(None, None, None)
-        return g, None
+        return g, None, None
 
 
 class _nullctx:

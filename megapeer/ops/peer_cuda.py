@@ -279,6 +279,4 @@ def gather_axpy(w: Tensor, idx: Tensor, V: Tensor, m: int = 1) -> Tensor:
 
 def peer_experts(x, idx, gates, U, V, act, m: int = 1):
     """Single-process expert step on the fused ops: sum of gate * act(u.x) * v."""
-    s = gather_dot(x, idx, U, m)
-    w = act(s) * gates.unsqueeze(-1)
-    return gather_axpy(w, idx, V, m)
+    return peer_ref.expert_step(gather_dot, gather_axpy, x, idx, gates, U, V, act, m)

@@ -140,9 +140,9 @@ def _(coef, idx, src, n_rows, m):
     return src.new_empty((n_rows, src.shape[1]))
 
 
-def _dot_setup(ctx, inputs, output):
-    x, idx, tab, m = inputs
-    ctx.save_for_backward(x, idx, tab)
+def _setup(ctx, inputs, output):
+    a, idx, tab, m = inputs      # (x or w), idx, table, m
+    ctx.save_for_backward(a, idx, tab)
     ctx.m = m
 
 
@@ -156,12 +156,6 @@ def _dot_backward(ctx, grad_s):
     return gx, None, gt, None
 
 
-def _axpy_setup(ctx, inputs, output):
-    w, idx, tab, m = inputs
-    ctx.save_for_backward(w, idx, tab)
-    ctx.m = m
-
-
 def _axpy_backward(ctx, grad_out):
     w, idx, tab = ctx.saved_tensors
     gw = gt = None
@@ -172,9 +166,8 @@ def _axpy_backward(ctx, grad_out):
     return gw, None, gt, None
 
 
-torch.library.register_autograd("megapeer::grouped_dot", _dot_backward, setup_context=_dot_setup)
-torch.library.register_autograd("megapeer::grouped_axpy", _axpy_backward,
-                                setup_context=_axpy_setup)
+torch.library.register_autograd("megapeer::grouped_dot", _dot_backward, setup_context=_setup)
+torch.library.register_autograd("megapeer::grouped_axpy", _axpy_backward, setup_context=_setup)
 
 
 def available():
@@ -199,9 +192,7 @@ def gather_axpy(w: Tensor, idx: Tensor, V: Tensor, m: int = 1) -> Tensor:
 
 def peer_experts(x, idx, gates, U, V, act, m: int = 1):
     """Single-process expert step on the grouped ops (as peer_ref.peer_experts)."""
-    s = gather_dot(x, idx, U, m)
-    w = act(s) * gates.unsqueeze(-1)
-    return gather_axpy(w, idx, V, m)
+    return peer_ref.expert_step(gather_dot, gather_axpy, x, idx, gates, U, V, act, m)
 
 
 __all__ = ["available", "gather_dot", "gather_axpy", "peer_experts", "peer_ref"]

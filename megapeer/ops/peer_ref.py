@@ -33,8 +33,13 @@ def gather_axpy(w: torch.Tensor, idx: torch.Tensor, V: torch.Tensor, m: int = 1)
     return torch.einsum("thkmd,thkm->td", v, w)
 
 
-def peer_experts(x, idx, gates, U, V, act, m: int = 1):
-    """Single-process expert step: sum over heads/experts of gate * act(u.x) * v."""
-    s = gather_dot(x, idx, U, m)
+def expert_step(dot, axpy, x, idx, gates, U, V, act, m: int = 1):
+    """Sum over heads/experts of gate * act(u.x) * v, on the given gather_dot / gather_axpy."""
+    s = dot(x, idx, U, m)
     w = act(s) * gates.unsqueeze(-1)
-    return gather_axpy(w, idx, V, m)
+    return axpy(w, idx, V, m)
+
+
+def peer_experts(x, idx, gates, U, V, act, m: int = 1):
+    """Single-process expert step on the reference ops."""
+    return expert_step(gather_dot, gather_axpy, x, idx, gates, U, V, act, m)
