@@ -30,14 +30,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from megapeer.ops import peer_cuda, peer_ref  # noqa: E402
+from megapeer.ops import peer_cuda, peer_grouped, peer_ref  # noqa: E402
 
 SIZES = {
-    # name: (tokens T, hidden d, experts N, heads h, top-k k)
+    # name: (tokens T, hidden d, experts N, heads h, top-k k[, expert width m])
     "small": (8192, 1024, 512 ** 2, 8, 16),
     "large": (16384, 1024, 1024 ** 2, 8, 16),
     "tiny": (256, 128, 64 ** 2, 4, 8),   # smoke test
+    # the 1B PEER layer at equal active FLOPs: ~512 tokens per expert (docs/kernels.md)
+    "reuse": (4096, 2048, 64 ** 2, 16, 32, 16),
 }
+REF_MAX_BYTES = 40 * 1024 ** 3  # the reference gathers [T, h, k, m, d]: skipped above this
 GiB = 1024 ** 3
 
 
@@ -75,14 +78,14 @@ def copy_bandwidth(nbytes=2 * GiB, reps=10):
 
 class Problem:
     def __init__(self, size, dtype, device, seed=0):
-        T, d, N, h, k = SIZES[size]
-        self.size, self.T, self.d, self.N, self.h, self.k = size, T, d, N, h, k
+        T, d, N, h, k, m = (SIZES[size] + (1,))[:6]
+        self.size, self.T, self.d, self.N, self.h, self.k, self.m = size, T, d, N, h, k, m
         g = torch.Generator(device=device).manual_seed(seed)
         self.idx = torch.randint(0, N, (T, h, k), device=device, generator=g)
         self.x = torch.randn(T, d, device=device, generator=g).to(dtype).requires_grad_()
         self.scores = torch.randn(T, h, k, device=device, generator=g).to(dtype).requires_grad_()
-        self.U = (torch.randn(N, d, device=device, generator=g) * d ** -0.5).to(dtype).requires_grad_()
-        self.V = (torch.randn(N, d, device=device, generator=g) * d ** -0.5).to(dtype).requires_grad_()
+        self.U = (torch.randn(N * m, d, device=device, generator=g) * d ** -0.5).to(dtype).requires_grad_()
+        self.V = (torch.randn(N * m, d, device=device, generator=g) * d ** -0.5).to(dtype).requires_grad_()
         self.go = torch.randn(T, d, device=device, generator=g).to(dtype)
         self.leaves = [self.x, self.scores, self.U, self.V]
         self.esize = self.x.element_size()
@@ -93,7 +96,7 @@ class Problem:
             t.grad = None
 
     def forward(self, mod):
-        return mod.peer_experts(self.x, self.idx, self.scores.softmax(-1), self.U, self.V, F.gelu)
+        return mod.peer_experts(self.x, self.idx, self.scores.softmax(-1), self.U, self.V, F.gelu, self.m)
 
     def step(self, mod):
         self.forward(mod).backward(self.go)
@@ -101,20 +104,23 @@ class Problem:
     # floors, in bytes
     def floor_fwd(self):
         e, T, d = self.esize, self.T, self.d
-        tables = 2 * self.used * d * e                  # used rows of U and V, once each
+        tables = 2 * self.used * self.m * d * e         # used rows of U and V, once each
         acts = 2 * T * d * e                            # x read, out written
         small = 2 * self.idx.numel() * 8 + 4 * self.idx.numel() * e
         return tables + acts + small
 
     def floor_bwd(self):
         e, T, d, N = self.esize, self.T, self.d, self.N
-        tables = 2 * self.used * d * e + 2 * N * d * e  # used rows of U, V read; grad_U, grad_V written
+        tables = 2 * (self.used + N) * self.m * d * e   # used rows of U, V read; grad_U, grad_V written
         acts = 3 * T * d * e                            # grad_out, x read; grad_x written
         small = 2 * self.idx.numel() * 8 + 6 * self.idx.numel() * e
         return tables + acts + small
 
     def table_bytes(self):
-        return 2 * self.N * self.d * self.esize
+        return 2 * self.N * self.m * self.d * self.esize
+
+    def ref_bytes(self):
+        return self.idx.numel() * self.m * self.d * self.esize
 
 
 def measure_step(p, mod, warmup, reps):
@@ -194,6 +200,7 @@ def main():
     ap.add_argument("--ref-reps", type=int, default=10)
     ap.add_argument("--no-variants", action="store_true")
     ap.add_argument("--no-breakdown", action="store_true")
+    ap.add_argument("--paths", default="grouped", help="extra paths to time: grouped (Triton)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -201,6 +208,7 @@ def main():
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16
     fused_ok, why = peer_cuda.available()
+    grouped_ok = peer_grouped.available()[0] and "grouped" in args.paths.split(",")
     info = {"card": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "command": " ".join(["python3"] + sys.argv),
             "fused": why, "algorithms": peer_cuda.get_algorithms()}
@@ -213,13 +221,19 @@ def main():
     rows = []
     for size in args.sizes.split(","):
         p = Problem(size, dtype, device)
-        T, d, N, h, k = SIZES[size]
+        T, d, N, h, k, m = p.T, p.d, p.N, p.h, p.k, p.m
         floor_fwd, floor_both = p.floor_fwd(), p.floor_fwd() + p.floor_bwd()
-        res = {"shape": dict(T=T, d=d, N=N, h=h, k=k), "used_experts": p.used,
+        res = {"shape": dict(T=T, d=d, N=N, h=h, k=k, m=m), "used_experts": p.used,
                "floor_fwd_bytes": floor_fwd, "floor_fwdbwd_bytes": floor_both,
                "floor_fwd_ms": floor_fwd / copy_bw * 1e3, "floor_fwdbwd_ms": floor_both / copy_bw * 1e3}
-        res["reference"] = measure_step(p, peer_ref, 2, args.ref_reps)
-        rows.append((size, "reference", res["reference"], floor_fwd, floor_both, T))
+        if p.ref_bytes() <= REF_MAX_BYTES:
+            res["reference"] = measure_step(p, peer_ref, 2, args.ref_reps)
+            rows.append((size, "reference", res["reference"], floor_fwd, floor_both, T))
+        else:
+            print(f"# {size}: reference skipped (it would gather {p.ref_bytes() / GiB:.0f} GiB)")
+        if grouped_ok:
+            res["grouped"] = measure_step(p, peer_grouped, args.warmup, args.reps)
+            rows.append((size, "grouped (Triton)", res["grouped"], floor_fwd, floor_both, T))
         if fused_ok:
             res["fused"] = measure_step(p, peer_cuda, args.warmup, args.reps)
             rows.append((size, "fused " + "/".join(str(v) for v in list(peer_cuda.get_algorithms().values())[:2]),
@@ -237,7 +251,7 @@ def main():
                     res["variants"][f"{dot}/{scatter}{label}"] = r
                 os.environ.pop("MEGAPEER_PEER_PREFETCH", None)
                 st.dot, st.scatter = saved
-            if not args.no_breakdown:
+            if not args.no_breakdown and p.m == 1:
                 res["breakdown"] = breakdown(p, args.warmup, args.reps, copy_bw)
         results["sizes"][size] = res
         del p
@@ -271,7 +285,7 @@ def main():
         print(f"{size:6s} {name:22s} {r['fwd_ms']:8.3f} {r['fwdbwd_ms']:10.3f} {T / r['fwdbwd_ms'] / 1e3:7.2f} "
               f"{gbs:6.0f} {xf:7.2f} {r['peak_gib']:8.2f} {r['transient_gib']:9.2f}")
     for size, res in results["sizes"].items():
-        if "fused" in res:
+        if "fused" in res and "reference" in res:
             ref, fu = res["reference"], res["fused"]
             print(f"{size}: fused/reference speed-up fwd {ref['fwd_ms'] / fu['fwd_ms']:.1f}x, "
                   f"fwd+bwd {ref['fwdbwd_ms'] / fu['fwdbwd_ms']:.1f}x; peak {fu['peak_gib']:.2f} vs "
