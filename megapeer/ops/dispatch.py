@@ -47,31 +47,23 @@ def _use_fused(mode: str, *tensors: torch.Tensor) -> bool:
     return peer_cuda.supports(*tensors)
 
 
-def _grouped(mode):
-    if mode != "grouped":
-        return None
-    from . import peer_grouped
-    ok, why = peer_grouped.available()
-    if not ok:
-        raise RuntimeError(f"model.peer.kernel=grouped but {why}")
-    return peer_grouped
+def _path(mode, *tensors):
+    """The module (peer_grouped, peer_cuda or peer_ref) that serves `mode` for these operands."""
+    if mode == "grouped":
+        from . import peer_grouped
+        ok, why = peer_grouped.available()
+        if not ok:
+            raise RuntimeError(f"model.peer.kernel=grouped but {why}")
+        return peer_grouped
+    if _use_fused(mode, *tensors):
+        from . import peer_cuda
+        return peer_cuda
+    return peer_ref
 
 
 def gather_dot(x, idx, U, m: int = 1, mode: str = "auto"):
-    g = _grouped(mode)
-    if g is not None:
-        return g.gather_dot(x, idx, U, m)
-    if _use_fused(mode, x, U):
-        from . import peer_cuda
-        return peer_cuda.gather_dot(x, idx, U, m)
-    return peer_ref.gather_dot(x, idx, U, m)
+    return _path(mode, x, U).gather_dot(x, idx, U, m)
 
 
 def gather_axpy(w, idx, V, m: int = 1, mode: str = "auto"):
-    g = _grouped(mode)
-    if g is not None:
-        return g.gather_axpy(w, idx, V, m)
-    if _use_fused(mode, w, V):
-        from . import peer_cuda
-        return peer_cuda.gather_axpy(w, idx, V, m)
-    return peer_ref.gather_axpy(w, idx, V, m)
+    return _path(mode, w, V).gather_axpy(w, idx, V, m)
