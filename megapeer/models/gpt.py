@@ -157,10 +157,6 @@ def peer_modules(model):
     return [mod for c in chunks for mod in c.modules() if isinstance(mod, PEER)]
 
 
-__all__ = ["build_model", "build_model_chunks", "padded_vocab_size", "peer_modules",
-           "transformer_config", "cpu_shims"]
-
-
 def compile_layers(chunks, mode="default") -> int:
     """torch.compile every transformer layer in place (training.compile); returns the count.
 
@@ -170,7 +166,8 @@ def compile_layers(chunks, mode="default") -> int:
     is turned off: its attention rewrite (fuse_attention) fails on the MLA layer with a
     shape error (torch 2.13 CPU, 2026-11-28); pointwise fusion, which is what pays here,
     stays.
-    On an H200 this took the ~1.3B dense MLA step from 678 to 445 ms (docs/benchmarks.md).
+    On an H200 this took the ~1.3B dense MLA step from 678 to 445 ms (581 ms on a slower
+    host; docs/benchmarks.md).
     """
     import torch._inductor.config as inductor_config
     inductor_config.pattern_matcher = False
@@ -181,3 +178,7 @@ def compile_layers(chunks, mode="default") -> int:
             layer.compile(mode=None if mode == "default" else mode)
             n += 1
     return n
+
+
+__all__ = ["build_model", "build_model_chunks", "compile_layers", "padded_vocab_size",
+           "peer_modules", "transformer_config", "cpu_shims"]

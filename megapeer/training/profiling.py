@@ -21,7 +21,7 @@ import torch
 log = logging.getLogger("megapeer")
 
 STEP = "megapeer.step"
-LABELS = ("peer.comm", "grad_sync")
+LABELS = ("peer.comm", "grad_sync")  # set in models/peer.py (COMM_LABEL) and training/step.py
 CATEGORIES = ("GEMM", "attention", "PEER kernels", "communication (NCCL)", "optimizer",
               "memory copies", "elementwise / norms / other")
 
