@@ -50,8 +50,7 @@ def model_flops(cfg):
     The vocabulary is padded as at tensor parallel 1, so that every layout of one
     architecture gets the same count.
     """
-    from ..models.counts import flops_per_token, param_counts
-    from ..models.gpt import padded_vocab_size
+    from ..models.counts import flops_per_token, padded_vocab_size, param_counts
     vocab = padded_vocab_size(cfg.model, 1)
     pc = param_counts(cfg.model, vocab)
     return flops_per_token(cfg.model, vocab_size=vocab), pc["total"], pc["active"]

@@ -76,3 +76,9 @@ def flops_per_token(model_cfg, seq_length=None, vocab_size=None, training=True) 
             f += 2 * 2 * p.heads * p.topk * p.expert_hidden * d   # u.x and w*v
     f += 2 * d * V  # output layer
     return 3 * f if training else f
+
+
+def padded_vocab_size(model_cfg, tp: int) -> int:
+    """The embedding rows: vocab_size padded to a multiple of 128 * tensor-parallel size."""
+    mult = 128 * tp
+    return ((model_cfg.vocab_size + mult - 1) // mult) * mult

@@ -10,14 +10,10 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from ..parallel import cpu_shims
 from .attention import KVDownProjection
+from .counts import padded_vocab_size
 from .layer_specs import attention_backend, block_spec
 
 log = logging.getLogger(__name__)
-
-
-def padded_vocab_size(model_cfg, tp: int) -> int:
-    mult = 128 * tp
-    return ((model_cfg.vocab_size + mult - 1) // mult) * mult
 
 
 def param_dtype(training_cfg) -> torch.dtype:
