@@ -8,6 +8,8 @@
 Importing this package is cheap; torch, transformers and Megatron load on first use.
 CLIs: tools/convert_to_hf.py, tools/convert_from_hf.py. Details: docs/export_eval.md.
 """
+from ..lazy import lazy_getattr
+
 _LAZY = {
     "ConversionError": "checkpoint_io",
     "read_checkpoint": "checkpoint_io",
@@ -19,13 +21,7 @@ _LAZY = {
     "sample": "generate",
 }
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = sorted(_LAZY)

@@ -7,6 +7,8 @@ megapeer.data.train_tokenizer.train_tokenizer (CLIs in tools/).
 """
 from .tokenizer import HFTokenizer, SentencePieceTokenizer, build_tokenizer, load_tokenizer
 
+from ..lazy import lazy_getattr
+
 _LAZY = {
     "build_datasets": "datasets",
     "parse_blend": "datasets",
@@ -14,13 +16,7 @@ _LAZY = {
     "prepare_demo_data": "demo",
 }
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = ["BatchIterator", "HFTokenizer", "SentencePieceTokenizer", "build_datasets",
