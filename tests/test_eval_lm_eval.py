@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 from conftest import torchrun
-from workers.hf_fixtures import build, save_checkpoint, tiny_config, train_test_tokenizer
+from workers.hf_fixtures import export_tiny
 from workers.hf_fixtures import one_thread  # noqa: F401 (autouse fixture)
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'megapeer[eval]', "
@@ -80,11 +80,9 @@ def _task(d, name, rows, body):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, world1):
     """An exported tiny model, three local tasks and their directly computed scores."""
-    from megapeer.convert import export_checkpoint, load_model
+    from megapeer.convert import load_model
     d = tmp_path_factory.mktemp("lm_eval")
-    cfg = tiny_config(train_test_tokenizer(str(d)))
-    save_checkpoint(build(cfg, seed=5), cfg, str(d / "ckpt"))
-    export_checkpoint(str(d / "ckpt"), str(d / "hf"))
+    export_tiny(d, seed=5)
     model, tok = load_model(str(d / "hf"))
 
     # multiple choice: answers alternate between the model's best and worst choice

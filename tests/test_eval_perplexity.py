@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from workers.hf_fixtures import TEXTS, build, save_checkpoint, tiny_config, train_test_tokenizer
+from workers.hf_fixtures import TEXTS, export_tiny
 from workers.hf_fixtures import one_thread  # noqa: F401 (autouse fixture)
 
 LONG = ("The quick brown fox jumps over the lazy dog, then naps by the river. " * 3 +
@@ -15,12 +15,9 @@ LONG = ("The quick brown fox jumps over the lazy dog, then naps by the river. " 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, world1):
-    from megapeer.convert import export_checkpoint, load_model
+    from megapeer.convert import load_model
     d = tmp_path_factory.mktemp("eval_ppl")
-    tok_path = train_test_tokenizer(str(d))
-    cfg = tiny_config(tok_path)
-    save_checkpoint(build(cfg, seed=11), cfg, str(d / "ckpt"))
-    export_checkpoint(str(d / "ckpt"), str(d / "hf"))
+    export_tiny(d, seed=11)
     model, tok = load_model(str(d / "hf"))
     jsonl = d / "docs.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS + [LONG]))

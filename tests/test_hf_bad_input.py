@@ -4,18 +4,14 @@ import shutil
 
 import pytest
 import yaml
-from workers.hf_fixtures import build, save_checkpoint, tiny_config, train_test_tokenizer
+from workers.hf_fixtures import export_tiny, train_test_tokenizer
 from workers.hf_fixtures import one_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, world1):
-    from megapeer.convert import export_checkpoint
     d = tmp_path_factory.mktemp("hf_bad")
-    tok = train_test_tokenizer(str(d))
-    cfg = tiny_config(tok)
-    save_checkpoint(build(cfg, seed=3), cfg, str(d / "ckpt"))
-    export_checkpoint(str(d / "ckpt"), str(d / "hf"), max_shard_size="100KB")
+    export_tiny(d, seed=3, max_shard_size="100KB")
     return d
 
 

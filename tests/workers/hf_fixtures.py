@@ -88,6 +88,18 @@ def save_checkpoint(chunks, cfg, ckpt_dir, iteration=10):
     return it
 
 
+def export_tiny(folder, seed, **export_kw):
+    """Tokenizer, tiny config, a built model saved as a checkpoint in folder/ckpt, and its
+    Hugging Face export in folder/hf (export_kw go to export_checkpoint); returns folder/hf."""
+    from megapeer.convert import export_checkpoint
+    folder = str(folder)
+    cfg = tiny_config(train_test_tokenizer(folder))
+    save_checkpoint(build(cfg, seed=seed), cfg, os.path.join(folder, "ckpt"))
+    hf = os.path.join(folder, "hf")
+    export_checkpoint(os.path.join(folder, "ckpt"), hf, **export_kw)
+    return hf
+
+
 def sample_tokens(vocab, batch=2, seq=SEQ, seed=1):
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
