@@ -62,7 +62,7 @@ fi
 if has layouts; then
   [[ -f /tmp/demo/tokenizer.model ]] || python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null
   timeout 580 python3 bench/layout_scaling.py --data /tmp/demo --gpus "${GPUS:-4}" --steps 12 \
-    --json "$OUT/layouts.json" 2>&1 | grep -v -i warn | tee "$OUT/layouts.txt" | tail -24
+    --json "$OUT/layouts.json" ${LAYOUT_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/layouts.txt" | tail -30
   for d in /tmp/layouts/*/; do
     [[ -f $d/profile/summary_rank0.txt ]] && cp "$d/profile/summary_rank0.txt" "$OUT/layout_$(basename "$d").txt"
   done

@@ -28,8 +28,9 @@ EQUAL = [("1 GPU", 1, []), ("DP2", 2, []), ("TP2", 2, ["parallel.tensor=2"]),
          ("DP4", 4, []), ("TP2 x EP2", 4, ["parallel.tensor=2", "parallel.expert=2"])]
 
 
-def run(name, nproc, extra, data, steps, out, size="100m", init=None):
-    """Train `steps` steps under one layout; init: checkpoint folder every layout starts from."""
+def run(name, nproc, extra, data, steps, out, size="100m", init=None, common=()):
+    """Train `steps` steps under one layout; init: checkpoint folder every layout starts from;
+    common: overrides for every run (--set)."""
     run_dir = os.path.join(out, name.replace(" ", "_").replace("(", "").replace(")", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "megapeer.train", "--config",
@@ -40,7 +41,7 @@ def run(name, nproc, extra, data, steps, out, size="100m", init=None):
            "logging.expert_usage_interval=0", f"logging.profile_steps=[{steps - 1},{steps}]",
            *([f"checkpoint.resume={init}", "checkpoint.save=false"] if init else
              ["checkpoint.resume=none", "training.exit_interval=1"]),
-           f"logging.run_dir={run_dir}", *extra]
+           f"logging.run_dir={run_dir}", *common, *extra]
     if os.path.isdir(run_dir):
         import shutil
         shutil.rmtree(run_dir)
@@ -73,6 +74,9 @@ def main():
     ap.add_argument("--size", default="100m", choices=sorted(SIZES))
     ap.add_argument("--only", default=None, help="comma-separated layout names to run")
     ap.add_argument("--no-weak", action="store_true", help="skip the weak-scaling runs")
+    ap.add_argument("--overlap", action="store_true",
+                    help="weak scaling also with training.overlap_grad_reduce=true")
+    ap.add_argument("--set", nargs="*", default=[], help="overrides for every run")
     a = ap.parse_args()
     import torch
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (gloo)"
@@ -80,21 +84,24 @@ def main():
     gb = ["training.global_batch_size=16", "training.micro_batch_size=4"]
     # Every layout resumes from one checkpoint taken after step 1 on one GPU, so that all
     # start from the same weights (fresh TP/EP/PP ranks would initialise tables differently).
-    init = run("init", 1, gb, a.data, a.steps, a.out, a.size)
+    init = run("init", 1, gb, a.data, a.steps, a.out, a.size, common=a.set)
     if not init:
         sys.exit("the 1-GPU initial run failed")
     only = a.only.split(",") if a.only else None
     for name, n, extra in EQUAL:
         if n <= a.gpus and (only is None or name in only):
-            res[name] = run(name, n, gb + extra, a.data, a.steps, a.out, a.size, init)
+            res[name] = run(name, n, gb + extra, a.data, a.steps, a.out, a.size, init, a.set)
             print(name, json.dumps(res[name] and {k: v for k, v in res[name].items()
                                                    if k not in ("loss", "profile")}), flush=True)
-    weak = {1: res.get("1 GPU") and res["1 GPU"]["tokens_per_s"]}
+    weak = {"DP1": res.get("1 GPU") and res["1 GPU"]["tokens_per_s"]}
+    modes = [("", [])] + ([(" overlap", ["training.overlap_grad_reduce=true"])]
+                          if a.overlap else [])
     for n in (() if a.no_weak else (2, 4, 8)):
-        if n <= a.gpus:
-            r = run(f"weak DP{n}", n, [f"training.global_batch_size={16 * n}",
-                                       "training.micro_batch_size=4"], a.data, a.steps, a.out, a.size, init)
-            weak[n] = r and r["tokens_per_s"]
+        for tag, extra in (modes if n <= a.gpus else ()):
+            r = run(f"weak DP{n}{tag}", n, [f"training.global_batch_size={16 * n}",
+                                            "training.micro_batch_size=4", *extra],
+                    a.data, a.steps, a.out, a.size, init, a.set)
+            weak[f"DP{n}{tag}"] = r and r["tokens_per_s"]
     ref = res.get("1 GPU")
     print(f"\n{card}, {a.size}, {a.steps} steps, global batch 16 sequences")
     print(f"{'layout':12s} {'GPUs':>4s} {'final loss':>10s} {'max |dloss|':>11s} "
@@ -108,11 +115,12 @@ def main():
         print(f"{name:12s} {n:4d} {r['loss'][a.steps]:10.4f} {d:11.2e} "
               f"{r['tokens_per_s']:9.0f} {r['tokens_per_s'] / n:9.0f} {r['mem_gib']:7.1f} "
               f"{r['nccl_frac']:6.1%} {r['peer_comm_frac']:9.1%} {r['grad_sync_frac']:9.1%}")
-    if weak.get(1):
+    if weak.get("DP1"):
         print("\nweak scaling (16 sequences per GPU per step):")
-        for n, t in weak.items():
+        for key, t in weak.items():
+            n = int(key[2:].split()[0])
             if t:
-                print(f"  DP{n}: {t:9.0f} tok/s, efficiency {t / (n * weak[1]):.1%}")
+                print(f"  {key:11s} {t:9.0f} tok/s, efficiency {t / (n * weak['DP1']):.1%}")
     if a.json:
         json.dump({"card": card, "equal": res, "weak": weak}, open(a.json, "w"), indent=1)
 

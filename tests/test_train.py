@@ -222,3 +222,20 @@ def test_profile_labels_peer_collectives_under_tp2(demo, tmp_path):
     n = 2 * 2 * 1  # profiled steps x micro-batches x PEER layers
     assert sorted(set(inside)) == ["c10d::_allgather_base_", "c10d::allreduce_"], inside
     assert inside.count("c10d::allreduce_") == 3 * n and inside.count("c10d::_allgather_base_") == n
+
+
+@pytest.mark.timeout(900)
+def test_overlapped_grad_reduce_matches_plain_dp2(demo, tmp_path):
+    """training.overlap_grad_reduce (buckets reduced during backward) under DP2, alone and
+    with the distributed optimizer: the losses of the plain DP2 run (fp32, 1e-5 relative)."""
+    out = {}
+    for name, extra in (("plain", []), ("overlap", ["training.overlap_grad_reduce=true"]),
+                        ("overlap_distopt", ["training.overlap_grad_reduce=true",
+                                             "training.use_distributed_optimizer=true"])):
+        run = str(tmp_path / name)
+        train(demo, run, ["training.train_iters=4", "checkpoint.save=false", *extra], nproc=2)
+        out[name] = losses(run)
+    assert sorted(out["plain"]) == [1, 2, 3, 4]
+    for name in ("overlap", "overlap_distopt"):
+        for s in range(1, 5):
+            assert abs(out[name][s] - out["plain"][s]) <= 1e-5 * abs(out["plain"][s]), (name, s)
