@@ -74,6 +74,7 @@ def main():
     ap.add_argument("--size", default="100m", choices=sorted(SIZES))
     ap.add_argument("--only", default=None, help="comma-separated layout names to run")
     ap.add_argument("--no-weak", action="store_true", help="skip the weak-scaling runs")
+    ap.add_argument("--weak", default="2,4,8", help="GPU counts of the weak-scaling runs")
     ap.add_argument("--overlap", action="store_true",
                     help="weak scaling also with training.overlap_grad_reduce=true")
     ap.add_argument("--set", nargs="*", default=[], help="overrides for every run")
@@ -96,7 +97,7 @@ def main():
     weak = {"DP1": res.get("1 GPU") and res["1 GPU"]["tokens_per_s"]}
     modes = [("", [])] + ([(" overlap", ["training.overlap_grad_reduce=true"])]
                           if a.overlap else [])
-    for n in (() if a.no_weak else (2, 4, 8)):
+    for n in (() if a.no_weak else [int(x) for x in a.weak.split(",")]):
         for tag, extra in (modes if n <= a.gpus else ()):
             r = run(f"weak DP{n}{tag}", n, [f"training.global_batch_size={16 * n}",
                                             "training.micro_batch_size=4", *extra],
