@@ -72,7 +72,7 @@ def main():
     ap.add_argument("--out", default="/tmp/layouts")
     ap.add_argument("--json", default=None)
     ap.add_argument("--size", default="100m", choices=sorted(SIZES))
-    ap.add_argument("--only", default=None, help="comma-separated layout names to run")
+    ap.add_argument("--only", default=None, help="comma-separated layout names to run (_ for spaces)")
     ap.add_argument("--no-weak", action="store_true", help="skip the weak-scaling runs")
     ap.add_argument("--weak", default="2,4,8", help="GPU counts of the weak-scaling runs")
     ap.add_argument("--overlap", action="store_true",
@@ -88,7 +88,7 @@ def main():
     init = run("init", 1, gb, a.data, a.steps, a.out, a.size, common=a.set)
     if not init:
         sys.exit("the 1-GPU initial run failed")
-    only = a.only.split(",") if a.only else None
+    only = a.only.replace("_", " ").split(",") if a.only else None  # "TP2_x_EP2" = "TP2 x EP2"
     for name, n, extra in EQUAL:
         if n <= a.gpus and (only is None or name in only):
             res[name] = run(name, n, gb + extra, a.data, a.steps, a.out, a.size, init, a.set)

@@ -44,7 +44,7 @@ def _k():
         import triton
 
         from . import peer_grouped_kernels as pk
-        _kernels = (triton, pk.dot_kernel, pk.axpy_kernel, pk.scatter_kernel)
+        _kernels = (triton, pk.peer_grouped_dot, pk.peer_grouped_axpy, pk.peer_grouped_scatter)
     return _kernels
 
 

@@ -20,7 +20,7 @@ def _block(b, order, block_expert, block_start, expert_off, counts, hk,
 
 
 @triton.jit
-def dot_kernel(x, ldx, tab, ldt, s, order, block_expert, block_start, expert_off, counts,
+def peer_grouped_dot(x, ldx, tab, ldt, s, order, block_expert, block_start, expert_off, counts,
                hk, m, d, BM: tl.constexpr, MB: tl.constexpr, BK: tl.constexpr,
                IEEE: tl.constexpr):
     e, pair, tok, valid = _block(tl.program_id(0), order, block_expert, block_start,
@@ -44,7 +44,7 @@ def dot_kernel(x, ldx, tab, ldt, s, order, block_expert, block_start, expert_off
              mask=valid[:, None] & jv[None, :])
 
 @triton.jit
-def axpy_kernel(coef, tab, ldt, out, order, block_expert, block_start, expert_off, counts,
+def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, expert_off, counts,
                 hk, m, d, BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
                 IEEE: tl.constexpr):
     e, pair, tok, valid = _block(tl.program_id(0), order, block_expert, block_start,
@@ -61,10 +61,11 @@ def axpy_kernel(coef, tab, ldt, out, order, block_expert, block_start, expert_of
         acc = tl.dot(c, v, input_precision="ieee")
     else:
         acc = tl.dot(c, v)
-    tl.atomic_add(out + tok[:, None] * d + n[None, :], acc, mask=valid[:, None] & nm[None, :])
+    tl.atomic_add(out + tok[:, None] * d + n[None, :], acc, mask=valid[:, None] & nm[None, :],
+                  sem="relaxed")  # a plain reduction: no ordering needed
 
 @triton.jit
-def scatter_kernel(coef, src, lds, grad, order, expert_off, counts, hk, m, d,
+def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m, d,
                    BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
                    IEEE: tl.constexpr):
     e = tl.program_id(0).to(tl.int64)
