@@ -47,6 +47,12 @@ has grouped && timeout 300 python3 bench/peer_kernel.py --sizes small,reuse --no
   --no-breakdown --json "$OUT/grouped_kernel.json" 2>&1 | tail -8
 has grouped && TAIL=60 tput grouped1b 400 --size 1b --variants mla_dense,mla_peer \
   --set model.peer.kernel=grouped --profile /tmp/grouped1b
+# fused vs grouped PEER kernels in real training (~100M, experts of width 16): losses, tok/s
+if has parity; then
+  [[ -f /tmp/demo/tokenizer.model ]] || python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null
+  timeout 400 python3 bench/kernel_parity.py --data /tmp/demo --steps 20 \
+    --json "$OUT/parity.json" 2>&1 | grep -v -i warn | tail -6
+fi
 has ktest && timeout 200 python3 -m pytest -q -x tests/test_peer_kernel.py 2>&1 | tail -4
 if has resume; then
   python3 -m megapeer.data.demo --out /tmp/demo --max-mb 2 >/dev/null

@@ -2,7 +2,8 @@
 
 fp32, forward and every gradient (x, U, V, gates), fresh random inputs: m = 16, 4 (padded
 to the 16-wide tile), 32 with hot experts spanning several blocks, and 1; T and d not
-multiples of the tiles, one token choosing one expert in every slot, x a column slice.
+multiples of the tiles, one token choosing one expert in every slot, x a column slice;
+and one sort of the pairs per forward + backward (the layout is shared by the 6 kernel calls).
 On a CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set for the worker
 process only). Tolerance: 1e-5 relative to the reference's largest magnitude (fp32 with
 IEEE dots; the axpy sums with atomics in another order).
@@ -32,6 +33,7 @@ def test_grouped_kernels_match_reference():
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert "unavailable" not in res, res
+    assert res.pop("layout_calls") == 1   # one sort per forward + backward, shared by 4 ops
     for case, errs in res.items():
         if case == "bf16":   # GPU only: grouped bf16 error vs the reference's bf16 error
             for name, (grp, ref) in errs.items():

@@ -22,8 +22,9 @@ m is padded to 16 inside the kernels (tensor-core tiles); fp32 inputs use IEEE f
 
 Select it with model.peer.kernel=grouped. It runs wherever Triton runs: CUDA GPUs, and
 the CPU under TRITON_INTERPRET=1 (how the tests check it against the reference).
-Status: correct against the reference (tests/test_peer_grouped.py, Triton interpreter);
-not yet timed on a GPU (docs/kernels.md).
+One sort of the pairs (the layout op) serves a layer's forward dot and axpy and, saved by
+autograd, their four backward kernels. Tests: tests/test_peer_grouped.py (Triton
+interpreter on CPU; bf16 on a GPU). Timings: docs/benchmarks.md ("Grouped Triton kernels").
 """
 from __future__ import annotations
 
@@ -48,31 +49,52 @@ def _k():
     return _kernels
 
 
-class _Layout:
-    """(token, expert) pairs sorted by expert and cut into blocks of BM pairs of one expert.
+@torch.library.custom_op("megapeer::grouped_layout", mutates_args=())
+def _layout_op(idx: Tensor, n_exp: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(token, expert) pairs sorted by expert and cut into blocks of BM pairs of one expert:
+    order [P] (pair ids by expert), block_expert [n_blocks] (-1 past the last block),
+    block_start, expert_off, counts [n_exp]. Torch ops on the device, sized by upper bounds
+    (no host sync)."""
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True).to(torch.int32)
+    counts = torch.bincount(flat, minlength=n_exp)[:n_exp].to(torch.int32)
+    expert_off = (torch.cumsum(counts, 0) - counts).to(torch.int32)
+    blocks = (counts + BM - 1) // BM
+    block_end = torch.cumsum(blocks, 0)
+    block_start = (block_end - blocks).to(torch.int32)
+    b = torch.arange(_n_blocks(flat.numel(), n_exp), device=idx.device)
+    e = torch.searchsorted(block_end, b, right=True)
+    block_expert = torch.where(e < n_exp, e, -1).to(torch.int32)
+    return order, block_expert, block_start, expert_off, counts
 
-    Built with torch ops on the device and sized by upper bounds, so no host sync.
-    """
 
-    def __init__(self, idx: Tensor, n_exp: int):
-        flat = idx.reshape(-1)
-        self.P = flat.numel()
-        self.hk = self.P // idx.shape[0]
-        self.n_exp = n_exp
-        self.order = torch.argsort(flat, stable=True).to(torch.int32)
-        self.counts = torch.bincount(flat, minlength=n_exp)[:n_exp].to(torch.int32)
-        self.expert_off = (torch.cumsum(self.counts, 0) - self.counts).to(torch.int32)
-        blocks = (self.counts + BM - 1) // BM
-        block_end = torch.cumsum(blocks, 0)
-        self.block_start = (block_end - blocks).to(torch.int32)
-        self.n_blocks = (self.P + BM - 1) // BM + n_exp    # upper bound
-        b = torch.arange(self.n_blocks, device=idx.device)
-        e = torch.searchsorted(block_end, b, right=True)
-        self.block_expert = torch.where(e < n_exp, e, -1).to(torch.int32)
+@_layout_op.register_fake
+def _(idx, n_exp):
+    i32 = dict(dtype=torch.int32, device=idx.device)
+    return (idx.new_empty(idx.numel(), **i32), idx.new_empty(_n_blocks(idx.numel(), n_exp), **i32),
+            *(idx.new_empty(n_exp, **i32) for _ in range(3)))
 
-    def args(self):
-        return (self.order, self.block_expert, self.block_start, self.expert_off, self.counts,
-                self.hk)
+
+def _n_blocks(P: int, n_exp: int) -> int:
+    return (P + BM - 1) // BM + n_exp    # upper bound: each expert's last block may be short
+
+
+_last = None   # (weakref to idx, its version, n_exp, layout) of the latest eager call
+
+
+def _layout(idx: Tensor, n_exp: int) -> tuple:
+    """The layout of idx; in eager mode the forward dot and axpy of one PEER layer (the same
+    idx tensor) share one, and the backward ops reuse the forward's (saved by autograd)."""
+    global _last
+    if torch.compiler.is_compiling():
+        return torch.ops.megapeer.grouped_layout(idx, n_exp)
+    c = _last
+    if c is not None and c[0]() is idx and c[1] == idx._version and c[2] == n_exp:
+        return c[3]
+    import weakref
+    lay = tuple(torch.ops.megapeer.grouped_layout(idx, n_exp))
+    _last = (weakref.ref(idx), idx._version, n_exp, lay)
+    return lay
 
 
 def _mb(m: int) -> int:
@@ -83,87 +105,97 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _hk(idx: Tensor) -> int:
+    return idx.numel() // idx.shape[0]   # pairs per token
+
+
 @torch.library.custom_op("megapeer::grouped_dot", mutates_args=())
-def _dot_op(x: Tensor, idx: Tensor, tab: Tensor, m: int) -> Tensor:
+def _dot_op(x: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_expert: Tensor,
+            block_start: Tensor, expert_off: Tensor, counts: Tensor) -> Tensor:
     triton, dot_kernel, _, _ = _k()
     x, tab = _rows(x), _rows(tab)
-    lay = _Layout(idx, tab.shape[0] // m)
     s = torch.empty(*idx.shape, m, dtype=x.dtype, device=x.device)
     d = x.shape[1]
-    dot_kernel[(lay.n_blocks,)](x, x.stride(0), tab, tab.stride(0), s, *lay.args(), m, d,
-                                BM=BM, MB=_mb(m), BK=BK, IEEE=x.dtype == torch.float32)
+    dot_kernel[(block_expert.numel(),)](x, x.stride(0), tab, tab.stride(0), s, order,
+                                        block_expert, block_start, expert_off, counts,
+                                        _hk(idx), m, d, BM=BM, MB=_mb(m), BK=BK,
+                                        IEEE=x.dtype == torch.float32)
     return s
 
 
 @_dot_op.register_fake
-def _(x, idx, tab, m):
+def _(x, idx, tab, m, *lay):
     return x.new_empty((*idx.shape, m))
 
 
 @torch.library.custom_op("megapeer::grouped_axpy", mutates_args=())
-def _axpy_op(w: Tensor, idx: Tensor, tab: Tensor, m: int) -> Tensor:
+def _axpy_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_expert: Tensor,
+             block_start: Tensor, expert_off: Tensor, counts: Tensor) -> Tensor:
     triton, _, axpy_kernel, _ = _k()
     tab = _rows(tab)
     w = w.contiguous()
-    lay = _Layout(idx, tab.shape[0] // m)
     T, d = idx.shape[0], tab.shape[1]
     out = torch.zeros(T, d, dtype=torch.float32, device=tab.device)
-    axpy_kernel[(lay.n_blocks, triton.cdiv(d, BN))](w, tab, tab.stride(0), out, *lay.args(), m, d,
-                                                    BM=BM, MB=_mb(m), BN=BN,
-                                                    IEEE=tab.dtype == torch.float32)
+    axpy_kernel[(block_expert.numel(), triton.cdiv(d, BN))](
+        w, tab, tab.stride(0), out, order, block_expert, block_start, expert_off, counts,
+        _hk(idx), m, d, BM=BM, MB=_mb(m), BN=BN, IEEE=tab.dtype == torch.float32)
     return out.to(tab.dtype)
 
 
 @_axpy_op.register_fake
-def _(w, idx, tab, m):
+def _(w, idx, tab, m, *lay):
     return tab.new_empty((idx.shape[0], tab.shape[1]))
 
 
 @torch.library.custom_op("megapeer::grouped_scatter", mutates_args=())
-def _scatter_op(coef: Tensor, idx: Tensor, src: Tensor, n_rows: int, m: int) -> Tensor:
+def _scatter_op(coef: Tensor, idx: Tensor, src: Tensor, n_rows: int, m: int, order: Tensor,
+                expert_off: Tensor, counts: Tensor) -> Tensor:
     triton, _, _, scatter_kernel = _k()
     src = _rows(src)
     coef = coef.contiguous()
     n_exp = n_rows // m
-    lay = _Layout(idx, n_exp)
     d = src.shape[1]
     grad = torch.empty(n_rows, d, dtype=src.dtype, device=src.device)
-    scatter_kernel[(n_exp, triton.cdiv(d, BN))](coef, src, src.stride(0), grad, lay.order,
-                                                lay.expert_off, lay.counts, lay.hk, m, d,
+    scatter_kernel[(n_exp, triton.cdiv(d, BN))](coef, src, src.stride(0), grad, order,
+                                                expert_off, counts, _hk(idx), m, d,
                                                 BM=BM, MB=_mb(m), BN=BN,
                                                 IEEE=src.dtype == torch.float32)
     return grad
 
 
 @_scatter_op.register_fake
-def _(coef, idx, src, n_rows, m):
+def _(coef, idx, src, n_rows, m, *lay):
     return src.new_empty((n_rows, src.shape[1]))
 
 
 def _setup(ctx, inputs, output):
-    a, idx, tab, m = inputs      # (x or w), idx, table, m
-    ctx.save_for_backward(a, idx, tab)
+    a, idx, tab, m, *lay = inputs      # (x or w), idx, table, m, layout
+    ctx.save_for_backward(a, idx, tab, *lay)
     ctx.m = m
 
 
 def _dot_backward(ctx, grad_s):
-    x, idx, tab = ctx.saved_tensors
+    x, idx, tab, *lay = ctx.saved_tensors
+    order, _, _, expert_off, counts = lay
     gx = gt = None
     if ctx.needs_input_grad[0]:
-        gx = torch.ops.megapeer.grouped_axpy(grad_s, idx, tab, ctx.m)
+        gx = torch.ops.megapeer.grouped_axpy(grad_s, idx, tab, ctx.m, *lay)
     if ctx.needs_input_grad[2]:
-        gt = torch.ops.megapeer.grouped_scatter(grad_s, idx, x, tab.shape[0], ctx.m)
-    return gx, None, gt, None
+        gt = torch.ops.megapeer.grouped_scatter(grad_s, idx, x, tab.shape[0], ctx.m, order,
+                                                expert_off, counts)
+    return (gx, None, gt, None) + (None,) * 5
 
 
 def _axpy_backward(ctx, grad_out):
-    w, idx, tab = ctx.saved_tensors
+    w, idx, tab, *lay = ctx.saved_tensors
+    order, _, _, expert_off, counts = lay
     gw = gt = None
     if ctx.needs_input_grad[0]:
-        gw = torch.ops.megapeer.grouped_dot(grad_out, idx, tab, ctx.m)
+        gw = torch.ops.megapeer.grouped_dot(grad_out, idx, tab, ctx.m, *lay)
     if ctx.needs_input_grad[2]:
-        gt = torch.ops.megapeer.grouped_scatter(w, idx, grad_out, tab.shape[0], ctx.m)
-    return gw, None, gt, None
+        gt = torch.ops.megapeer.grouped_scatter(w, idx, grad_out, tab.shape[0], ctx.m, order,
+                                                expert_off, counts)
+    return (gw, None, gt, None) + (None,) * 5
 
 
 torch.library.register_autograd("megapeer::grouped_dot", _dot_backward, setup_context=_setup)
@@ -183,11 +215,13 @@ def available():
 
 
 def gather_dot(x: Tensor, idx: Tensor, U: Tensor, m: int = 1) -> Tensor:
-    return torch.ops.megapeer.grouped_dot(x, idx.long(), U, int(m))
+    idx = idx if idx.dtype == torch.long else idx.long()
+    return torch.ops.megapeer.grouped_dot(x, idx, U, int(m), *_layout(idx, U.shape[0] // m))
 
 
 def gather_axpy(w: Tensor, idx: Tensor, V: Tensor, m: int = 1) -> Tensor:
-    return torch.ops.megapeer.grouped_axpy(w, idx.long(), V, int(m))
+    idx = idx if idx.dtype == torch.long else idx.long()
+    return torch.ops.megapeer.grouped_axpy(w, idx, V, int(m), *_layout(idx, V.shape[0] // m))
 
 
 def peer_experts(x, idx, gates, U, V, act, m: int = 1):

@@ -69,6 +69,19 @@ def bf16_errors(dev):
     return res
 
 
+def layout_calls(dev):
+    """How often one forward + backward of the expert step sorts its pairs (should be 1)."""
+    from torch.profiler import profile
+    T, d, n, m, h, k = CASES["m16"]
+    x = torch.randn(T, d, device=dev, requires_grad=True)
+    U, V = (torch.randn(n * m, d, device=dev, requires_grad=True) for _ in range(2))
+    gates = torch.rand(T, h, k, device=dev, requires_grad=True)
+    idx = torch.randint(0, n, (T, h, k), device=dev)
+    with profile() as prof:
+        peer_grouped.peer_experts(x, idx, gates, U, V, F.gelu, m).sum().backward()
+    return sum(e.count for e in prof.key_averages() if e.key == "megapeer::grouped_layout")
+
+
 def main():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     ok, why = peer_grouped.available()
@@ -83,6 +96,7 @@ def main():
     a = dispatch.gather_dot(x, idx, U, 16, mode="grouped")
     b = peer_ref.gather_dot(x, idx, U, 16)
     res["dispatch"] = {"out": float((a - b).abs().max() / b.abs().max())}
+    res["layout_calls"] = layout_calls(dev)
     if dev == "cuda":
         res["bf16"] = bf16_errors(dev)
     print(json.dumps(res))

@@ -1,0 +1,84 @@
+"""PEER kernel paths in real training: the same run (same data, seed and weights) with each
+model.peer.kernel, through the trainer; per-step losses against the first path, and
+tokens/s of each.
+
+  python bench/kernel_parity.py --data DIR [--kernels fused,grouped] [--steps 20] [k=v ...]
+
+Default model (GPU): the ~100M MLA+PEER of bench/train_throughput.py with experts of
+width 16 (64^2 per PEER layer, h=16, k=32: hundreds of tokens per expert, the regime of
+the grouped kernels), bf16. --size tiny: a CPU smoke run (reference vs grouped with
+TRITON_INTERPRET=1).
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench.train_throughput import GPU_100M, TINY, TINY_PEER  # noqa: E402
+
+WIDE_PEER = ["model.layer_pattern=DP", "model.peer.num_experts=[64,64]",
+             "model.peer.expert_hidden=16", "model.peer.heads=16", "model.peer.topk=32",
+             "model.peer.key_dim=128"]
+SIZES = {"100m": GPU_100M + WIDE_PEER + ["training.global_batch_size=16",
+                                         "training.micro_batch_size=4"],
+         "tiny": TINY + TINY_PEER + ["model.peer.expert_hidden=16"]}
+
+
+def train(kernel, a):
+    run = os.path.join(a.out, kernel)
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = [sys.executable, "-m", "megapeer.train", "--config",
+           os.path.join(ROOT, "examples", "tiny_cpu.yaml"), *SIZES[a.size],
+           f"data.tokenizer.path={a.data}/tokenizer.model",
+           f"data.blend=[{a.data}/stdlib_text_document]", "model.vocab_size=4096",
+           f"training.train_iters={a.steps}", "training.warmup_iters=2",
+           "training.eval_interval=0", "logging.log_interval=1", "checkpoint.save=false",
+           "logging.expert_usage_interval=0", "checkpoint.resume=none",
+           f"logging.run_dir={run}", f"model.peer.kernel={kernel}", *a.overrides]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+    if p.returncode:
+        print(f"{kernel}: FAILED ({p.returncode})\n{p.stderr[-2000:]}", flush=True)
+        return None
+    recs = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    recs = [r for r in recs if r.get("split") == "train"]
+    tps = sorted(r["tokens_per_s"] for r in recs[3:])
+    return {"loss": {r["step"]: r["loss"] for r in recs}, "tokens_per_s": tps[len(tps) // 2]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True, help="folder from python -m megapeer.data.demo")
+    ap.add_argument("--kernels", default="fused,grouped")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--size", default="100m", choices=sorted(SIZES))
+    ap.add_argument("--out", default="/tmp/kernel_parity")
+    ap.add_argument("--timeout", type=int, default=600)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args()
+    import torch
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    res = {k: train(k, a) for k in a.kernels.split(",")}
+    first = a.kernels.split(",")[0]
+    ref = res[first]
+    print(f"\n{card}, {a.size}, {a.steps} steps; losses against {first}")
+    print(f"{'kernel':10s} {'loss[1]':>8s} {'loss[end]':>9s} {'max |dloss|':>11s} "
+          f"{'max rel':>8s} {'tok/s':>9s}")
+    for k, r in res.items():
+        if not r or not ref:
+            continue
+        d = [abs(r["loss"][s] - ref["loss"][s]) for s in ref["loss"]]
+        rel = max(x / abs(ref["loss"][s]) for x, s in zip(d, ref["loss"]))
+        print(f"{k:10s} {r['loss'][1]:8.4f} {r['loss'][a.steps]:9.4f} {max(d):11.2e} "
+              f"{rel:8.1e} {r['tokens_per_s']:9.0f}")
+    if a.json:
+        json.dump({"card": card, "size": a.size, "results": res}, open(a.json, "w"), indent=1)
+    sys.exit(0 if all(res.values()) else 1)
+
+
+if __name__ == "__main__":
+    main()
