@@ -43,7 +43,7 @@ has ccheck && timeout 240 python3 bench/compile_check.py 2>&1 | grep -v -i warn 
 has topk && timeout 60 python3 bench/peer_topk.py 2>&1 | tee "$OUT/topk.txt"
 # the grouped Triton PEER kernels: checks (fp32 and bf16) and the 1B PEER step with them
 has grouped && timeout 200 python3 -m pytest -q -x tests/test_peer_grouped.py 2>&1 | tail -25
-has grouped && timeout 300 python3 bench/peer_kernel.py --sizes small,reuse --no-variants \
+has grouped && timeout 300 python3 bench/peer_kernel.py --sizes small,reuse,reuse128,reuse32 --no-variants \
   --no-breakdown --json "$OUT/grouped_kernel.json" 2>&1 | tail -8
 has grouped && TAIL=60 tput grouped1b 400 --size 1b --variants mla_dense,mla_peer \
   --set model.peer.kernel=grouped --profile /tmp/grouped1b

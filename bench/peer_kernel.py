@@ -39,6 +39,10 @@ SIZES = {
     "tiny": (256, 128, 64 ** 2, 4, 8),   # smoke test
     # the 1B PEER layer at equal active FLOPs: ~512 tokens per expert (docs/kernels.md)
     "reuse": (4096, 2048, 64 ** 2, 16, 32, 16),
+    # the same layer with more experts: ~128 and ~32 tokens per expert (where grouped and
+    # fused cross over)
+    "reuse128": (4096, 2048, 128 ** 2, 16, 32, 16),
+    "reuse32": (4096, 2048, 256 ** 2, 16, 32, 16),
 }
 REF_MAX_BYTES = 40 * 1024 ** 3  # the reference gathers [T, h, k, m, d]: skipped above this
 GiB = 1024 ** 3
