@@ -83,12 +83,16 @@ def main():
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (gloo)"
     res = {}
     gb = ["training.global_batch_size=16", "training.micro_batch_size=4"]
+    only = a.only.replace("_", " ").split(",") if a.only else None  # "TP2_x_EP2" = "TP2 x EP2"
+    unknown = set(only or ()) - {name for name, _, _ in EQUAL}
+    if unknown:
+        sys.exit(f"--only: unknown layout(s) {sorted(unknown)}; known: "
+                 + ", ".join(name.replace(" ", "_") for name, _, _ in EQUAL))
     # Every layout resumes from one checkpoint taken after step 1 on one GPU, so that all
     # start from the same weights (fresh TP/EP/PP ranks would initialise tables differently).
     init = run("init", 1, gb, a.data, a.steps, a.out, a.size, common=a.set)
     if not init:
         sys.exit("the 1-GPU initial run failed")
-    only = a.only.replace("_", " ").split(",") if a.only else None  # "TP2_x_EP2" = "TP2 x EP2"
     for name, n, extra in EQUAL:
         if n <= a.gpus and (only is None or name in only):
             res[name] = run(name, n, gb + extra, a.data, a.steps, a.out, a.size, init, a.set)
@@ -116,12 +120,13 @@ def main():
         print(f"{name:12s} {n:4d} {r['loss'][a.steps]:10.4f} {d:11.2e} "
               f"{r['tokens_per_s']:9.0f} {r['tokens_per_s'] / n:9.0f} {r['mem_gib']:7.1f} "
               f"{r['nccl_frac']:6.1%} {r['peer_comm_frac']:9.1%} {r['grad_sync_frac']:9.1%}")
-    if weak.get("DP1"):
-        print("\nweak scaling (16 sequences per GPU per step):")
+    if any(weak.values()):
+        print("\nweak scaling (16 sequences per GPU per step; efficiency against the 1 GPU run):")
         for key, t in weak.items():
             n = int(key[2:].split()[0])
             if t:
-                print(f"  {key:11s} {t:9.0f} tok/s, efficiency {t / (n * weak['DP1']):.1%}")
+                eff = f", efficiency {t / (n * weak['DP1']):.1%}" if weak["DP1"] else ""
+                print(f"  {key:11s} {t:9.0f} tok/s{eff}")
     if a.json:
         json.dump({"card": card, "equal": res, "weak": weak}, open(a.json, "w"), indent=1)
 
