@@ -1,6 +1,6 @@
 """PEER kernel paths in real training: the same run (same data, seed and weights) with each
-model.peer.kernel, through the trainer; per-step losses against the first path, and
-tokens/s of each.
+model.peer.kernel, through the trainer; per-step losses and gradient norms against the
+first path, and tokens/s of each.
 
   python bench/kernel_parity.py --data DIR [--kernels fused,grouped] [--steps 20] [k=v ...]
 
@@ -46,7 +46,9 @@ def train(kernel, a):
     recs = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
     recs = [r for r in recs if r.get("split") == "train"]
     tps = sorted(r["tokens_per_s"] for r in recs[3:])
-    return {"loss": {r["step"]: r["loss"] for r in recs}, "tokens_per_s": tps[len(tps) // 2]}
+    return {"loss": {r["step"]: r["loss"] for r in recs},
+            "grad_norm": {r["step"]: r["grad_norm"] for r in recs},
+            "tokens_per_s": tps[len(tps) // 2]}
 
 
 def main():
@@ -67,14 +69,15 @@ def main():
     ref = res[first]
     print(f"\n{card}, {a.size}, {a.steps} steps; losses against {first}")
     print(f"{'kernel':10s} {'loss[1]':>8s} {'loss[end]':>9s} {'max |dloss|':>11s} "
-          f"{'max rel':>8s} {'tok/s':>9s}")
+          f"{'max rel':>8s} {'grad norm rel':>13s} {'tok/s':>9s}")
     for k, r in res.items():
         if not r or not ref:
             continue
         d = [abs(r["loss"][s] - ref["loss"][s]) for s in ref["loss"]]
         rel = max(x / abs(ref["loss"][s]) for x, s in zip(d, ref["loss"]))
+        gn = max(abs(r["grad_norm"][s] - g) / abs(g) for s, g in ref["grad_norm"].items())
         print(f"{k:10s} {r['loss'][1]:8.4f} {r['loss'][a.steps]:9.4f} {max(d):11.2e} "
-              f"{rel:8.1e} {r['tokens_per_s']:9.0f}")
+              f"{rel:8.1e} {gn:13.1e} {r['tokens_per_s']:9.0f}")
     if a.json:
         json.dump({"card": card, "size": a.size, "results": res}, open(a.json, "w"), indent=1)
     sys.exit(0 if all(res.values()) else 1)
