@@ -45,7 +45,7 @@ has topk && timeout 60 python3 bench/peer_topk.py 2>&1 | tee "$OUT/topk.txt"
 has grouped && timeout 200 python3 -m pytest -q -x tests/test_peer_grouped.py 2>&1 | tail -25
 has grouped && timeout 300 python3 bench/peer_kernel.py --sizes small,reuse,reuse128,reuse32 --no-variants \
   --no-breakdown --json "$OUT/grouped_kernel.json" 2>&1 | tail -8
-has grouped && TAIL=60 tput grouped1b 400 --size 1b --variants mla_dense,mla_peer \
+has grouped && TAIL=90 tput grouped1b 500 --size 1b --variants mla_dense,mla_peer,mla_peer_wide \
   --set model.peer.kernel=grouped --profile /tmp/grouped1b
 # fused vs grouped PEER kernels in real training (~100M, experts of width 16): losses, tok/s
 if has parity; then
