@@ -45,7 +45,10 @@ def run(name, nproc, extra, data, steps, out, size="100m", init=None, common=())
     if os.path.isdir(run_dir):
         import shutil
         shutil.rmtree(run_dir)
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # torchrun gives each process one OpenMP thread only when it starts several; pin one for
+    # every layout so that the 1-GPU run is not the only one with all host cores' threads
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     print(f"{name}: exit {p.returncode}", flush=True)
     if p.returncode:
         print(f"{name}: FAILED\n{p.stderr[-1500:]}", flush=True)
