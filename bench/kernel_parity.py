@@ -12,13 +12,12 @@ TRITON_INTERPRET=1).
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.train_throughput import GPU_100M, TINY, TINY_PEER  # noqa: E402
+from bench.trainer_runs import train, train_records  # noqa: E402
 
 WIDE_PEER = ["model.layer_pattern=DP", "model.peer.num_experts=[64,64]",
              "model.peer.expert_hidden=16", "model.peer.heads=16", "model.peer.topk=32",
@@ -28,23 +27,15 @@ SIZES = {"100m": GPU_100M + WIDE_PEER + ["training.global_batch_size=16",
          "tiny": TINY + TINY_PEER + ["model.peer.expert_hidden=16"]}
 
 
-def train(kernel, a):
-    run = os.path.join(a.out, kernel)
-    shutil.rmtree(run, ignore_errors=True)
-    cmd = [sys.executable, "-m", "megapeer.train", "--config",
-           os.path.join(ROOT, "examples", "tiny_cpu.yaml"), *SIZES[a.size],
-           f"data.tokenizer.path={a.data}/tokenizer.model",
-           f"data.blend=[{a.data}/stdlib_text_document]", "model.vocab_size=4096",
-           f"training.train_iters={a.steps}", "training.warmup_iters=2",
-           "training.eval_interval=0", "logging.log_interval=1", "checkpoint.save=false",
-           "logging.expert_usage_interval=0", "checkpoint.resume=none",
-           f"logging.run_dir={run}", f"model.peer.kernel={kernel}", *a.overrides]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+def run(kernel, a):
+    run_dir = os.path.join(a.out, kernel)
+    p = train(run_dir, a.data, a.steps, [
+        *SIZES[a.size], "checkpoint.save=false", "checkpoint.resume=none",
+        f"model.peer.kernel={kernel}", *a.overrides], timeout=a.timeout)
     if p.returncode:
         print(f"{kernel}: FAILED ({p.returncode})\n{p.stderr[-2000:]}", flush=True)
         return None
-    recs = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
-    recs = [r for r in recs if r.get("split") == "train"]
+    recs = train_records(run_dir)
     tps = sorted(r["tokens_per_s"] for r in recs[3:])
     return {"loss": {r["step"]: r["loss"] for r in recs},
             "grad_norm": {r["step"]: r["grad_norm"] for r in recs},
@@ -64,7 +55,7 @@ def main():
     a = ap.parse_args()
     import torch
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    res = {k: train(k, a) for k in a.kernels.split(",")}
+    res = {k: run(k, a) for k in a.kernels.split(",")}
     first = a.kernels.split(",")[0]
     ref = res[first]
     print(f"\n{card}, {a.size}, {a.steps} steps; losses against {first}")

@@ -13,12 +13,12 @@ gradient reduction ('grad_sync'), as a share of the step.
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.train_throughput import GPU_100M, GPU_100M_PEER, TINY, TINY_PEER  # noqa: E402
+from bench.trainer_runs import train, train_records  # noqa: E402
 
 SIZES = {"100m": GPU_100M + GPU_100M_PEER + ["model.peer.num_experts=[128,128]"],
          "tiny": TINY + TINY_PEER}  # tiny: a CPU smoke run of this script (gloo)
@@ -32,29 +32,16 @@ def run(name, nproc, extra, data, steps, out, size="100m", init=None, common=())
     """Train `steps` steps under one layout; init: checkpoint folder every layout starts from;
     common: overrides for every run (--set)."""
     run_dir = os.path.join(out, name.replace(" ", "_").replace("(", "").replace(")", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "megapeer.train", "--config",
-           os.path.join(ROOT, "examples", "tiny_cpu.yaml"), *SIZES[size],
-           f"data.tokenizer.path={data}/tokenizer.model", f"data.blend=[{data}/stdlib_text_document]",
-           "model.vocab_size=4096", f"training.train_iters={steps}", "training.warmup_iters=2",
-           "training.eval_interval=0", "logging.log_interval=1", "checkpoint.save_interval=0",
-           "logging.expert_usage_interval=0", f"logging.profile_steps=[{steps - 1},{steps}]",
-           *([f"checkpoint.resume={init}", "checkpoint.save=false"] if init else
-             ["checkpoint.resume=none", "training.exit_interval=1"]),
-           f"logging.run_dir={run_dir}", *common, *extra]
-    if os.path.isdir(run_dir):
-        import shutil
-        shutil.rmtree(run_dir)
-    # torchrun gives each process one OpenMP thread only when it starts several; pin one for
-    # every layout so that the 1-GPU run is not the only one with all host cores' threads
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    p = train(run_dir, data, steps, [
+        *SIZES[size], "checkpoint.save_interval=0", f"logging.profile_steps=[{steps - 1},{steps}]",
+        *([f"checkpoint.resume={init}", "checkpoint.save=false"] if init else
+          ["checkpoint.resume=none", "training.exit_interval=1"]), *common, *extra],
+        nproc=nproc, timeout=300)
     print(f"{name}: exit {p.returncode}", flush=True)
     if p.returncode:
         print(f"{name}: FAILED\n{p.stderr[-1500:]}", flush=True)
         return None
-    recs = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
-    recs = [r for r in recs if r.get("split") == "train"]
+    recs = train_records(run_dir)
     if not init:
         return os.path.join(run_dir, "checkpoints", "iter_0000001")
     tps = sorted(r["tokens_per_s"] for r in recs[3:-2])  # not the warm-up or profiled steps

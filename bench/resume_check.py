@@ -5,22 +5,18 @@ from N/2 in a copy of the run and compare the per-step losses of the second half
 Used on the GPU machine to check the DistributedOptimizer's state round trip (bf16).
 """
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench.trainer_runs import train_records  # noqa: E402
 
 
 def losses(run):
-    out = {}
-    for line in open(os.path.join(run, "metrics.jsonl")):
-        r = json.loads(line)
-        if r.get("split") == "train":
-            out[r["step"]] = r["loss"]
-    return out
+    return {r["step"]: r["loss"] for r in train_records(run)}
 
 
 def main():

@@ -28,6 +28,8 @@ interpreter on CPU; bf16 on a GPU). Timings: docs/benchmarks.md ("Grouped Triton
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -91,7 +93,6 @@ def _layout(idx: Tensor, n_exp: int) -> tuple:
     c = _last
     if c is not None and c[0]() is idx and c[1] == idx._version and c[2] == n_exp:
         return c[3]
-    import weakref
     lay = tuple(torch.ops.megapeer.grouped_layout(idx, n_exp))
     _last = (weakref.ref(idx), idx._version, n_exp, lay)
     return lay

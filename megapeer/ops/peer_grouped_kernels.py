@@ -20,9 +20,9 @@ def _block(b, order, block_expert, block_start, expert_off, counts, hk,
 
 
 @triton.jit
-def peer_grouped_dot(x, ldx, tab, ldt, s, order, block_expert, block_start, expert_off, counts,
-               hk, m, d, BM: tl.constexpr, MB: tl.constexpr, BK: tl.constexpr,
-               IEEE: tl.constexpr):
+def peer_grouped_dot(x, ldx, tab, ldt, s, order, block_expert, block_start, expert_off,
+                     counts, hk, m, d, BM: tl.constexpr, MB: tl.constexpr, BK: tl.constexpr,
+                     IEEE: tl.constexpr):
     e, pair, tok, valid = _block(tl.program_id(0), order, block_expert, block_start,
                                  expert_off, counts, hk, BM)
     j = tl.arange(0, MB)
@@ -44,9 +44,9 @@ def peer_grouped_dot(x, ldx, tab, ldt, s, order, block_expert, block_start, expe
              mask=valid[:, None] & jv[None, :])
 
 @triton.jit
-def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, expert_off, counts,
-                hk, m, d, BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
-                IEEE: tl.constexpr):
+def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, expert_off,
+                      counts, hk, m, d, BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
+                      IEEE: tl.constexpr):
     e, pair, tok, valid = _block(tl.program_id(0), order, block_expert, block_start,
                                  expert_off, counts, hk, BM)
     j = tl.arange(0, MB)
@@ -66,8 +66,8 @@ def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, exp
 
 @triton.jit
 def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m, d,
-                   BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
-                   IEEE: tl.constexpr):
+                         BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
+                         IEEE: tl.constexpr):
     e = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, MB)
     jv = j < m
