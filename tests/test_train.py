@@ -239,3 +239,26 @@ def test_overlapped_grad_reduce_matches_plain_dp2(demo, tmp_path):
     for name in ("overlap", "overlap_distopt"):
         for s in range(1, 5):
             assert abs(out[name][s] - out["plain"][s]) <= 1e-5 * abs(out["plain"][s]), (name, s)
+
+
+def test_checkpoint_writer_helper_ignores_sigterm_and_exits_with_a_killed_trainer(tmp_path):
+    """The checkpoint-writer helper (checkpointing.start_signal_proof_writer_helper) survives
+    SIGTERM, and exits within seconds when its trainer is killed with SIGKILL."""
+    import psutil
+    script = ("import time; from megapeer.training import checkpointing as c; "
+              "c.start_signal_proof_writer_helper(); "
+              "print(c._WRITER_MANAGER._process.pid, flush=True); time.sleep(120)")
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                         env=_env(), cwd=ROOT)
+    helper = psutil.Process(int(p.stdout.readline()))
+    try:
+        helper.send_signal(signal.SIGTERM)
+        time.sleep(2)
+        assert helper.is_running() and helper.status() != psutil.STATUS_ZOMBIE
+        p.kill()
+        p.wait()
+        helper.wait(timeout=15)   # raises psutil.TimeoutExpired if it outlives the trainer
+    finally:
+        p.kill()
+        if helper.is_running():
+            helper.kill()

@@ -305,7 +305,8 @@ def start_signal_proof_writer_helper():
     megatron-core 0.16.1 (filesystem_async._get_write_results_queue) keeps a spawned
     multiprocessing Manager alive from the first save on. Slurm signals every process of
     a job step, so on requeue/pre-emption that helper would die and the very save the
-    signal asked for would fail (BrokenPipeError).
+    signal asked for would fail (BrokenPipeError). The helper exits by itself once the
+    trainer process is gone (killed with SIGKILL, for instance).
     """
     global _WRITER_MANAGER
     import multiprocessing as mp
@@ -316,6 +317,21 @@ def start_signal_proof_writer_helper():
     if _WRITER_MANAGER is not None or filesystem_async._results_queue is not None:
         return
     _WRITER_MANAGER = SyncManager(ctx=mp.get_context("spawn"))
-    _WRITER_MANAGER.start(signal.pthread_sigmask,
-                          (signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1}))
+    _WRITER_MANAGER.start(_writer_helper_init, ({signal.SIGTERM, signal.SIGUSR1}, os.getpid()))
     filesystem_async._results_queue = _WRITER_MANAGER.Queue()
+
+
+def _writer_helper_init(blocked, trainer_pid):
+    """In the helper: block `blocked`, and exit once the trainer is gone. A trainer killed
+    with SIGKILL (OOM killer, kill -9) cannot shut the helper down, and the helper ignores
+    SIGTERM, so without this it would outlive the job."""
+    import signal
+    import threading
+    import time
+    signal.pthread_sigmask(signal.SIG_BLOCK, blocked)  # threads started below inherit it
+
+    def watch():
+        while os.getppid() == trainer_pid:
+            time.sleep(1.0)
+        os._exit(0)
+    threading.Thread(target=watch, name="exit-with-trainer", daemon=True).start()
