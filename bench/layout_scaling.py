@@ -54,6 +54,13 @@ def run(name, nproc, extra, data, steps, out, size="100m", init=None, common=())
             "grad_sync_frac": prof["labels_ms"]["grad_sync"] / w, "profile": prof}
 
 
+def _counts(text):
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GPU counts like 2,4, got {text!r}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -64,7 +71,8 @@ def main():
     ap.add_argument("--size", default="100m", choices=sorted(SIZES))
     ap.add_argument("--only", default=None, help="comma-separated layout names to run (_ for spaces)")
     ap.add_argument("--no-weak", action="store_true", help="skip the weak-scaling runs")
-    ap.add_argument("--weak", default="2,4,8", help="GPU counts of the weak-scaling runs")
+    ap.add_argument("--weak", default="2,4,8", type=_counts,
+                    help="GPU counts of the weak-scaling runs, e.g. 2,4")
     ap.add_argument("--overlap", action="store_true",
                     help="weak scaling also with training.overlap_grad_reduce=true")
     ap.add_argument("--set", nargs="*", default=[], help="overrides for every run")
@@ -91,7 +99,7 @@ def main():
     weak = {"DP1": res.get("1 GPU") and res["1 GPU"]["tokens_per_s"]}
     modes = [("", [])] + ([(" overlap", ["training.overlap_grad_reduce=true"])]
                           if a.overlap else [])
-    for n in (() if a.no_weak else [int(x) for x in a.weak.split(",")]):
+    for n in (() if a.no_weak else a.weak):
         for tag, extra in (modes if n <= a.gpus else ()):
             r = run(f"weak DP{n}{tag}", n, [f"training.global_batch_size={16 * n}",
                                             "training.micro_batch_size=4", *extra],
