@@ -150,7 +150,8 @@ def _(w, idx, tab, m, *lay):
 
 @torch.library.custom_op("megapeer::grouped_scatter", mutates_args=())
 def _scatter_op(coef: Tensor, idx: Tensor, src: Tensor, n_rows: int, m: int, order: Tensor,
-                expert_off: Tensor, counts: Tensor) -> Tensor:
+                block_expert: Tensor, block_start: Tensor, expert_off: Tensor,
+                counts: Tensor) -> Tensor:
     triton, _, _, scatter_kernel = _k()
     src = _rows(src)
     coef = coef.contiguous()
@@ -177,25 +178,21 @@ def _setup(ctx, inputs, output):
 
 def _dot_backward(ctx, grad_s):
     x, idx, tab, *lay = ctx.saved_tensors
-    order, _, _, expert_off, counts = lay
     gx = gt = None
     if ctx.needs_input_grad[0]:
         gx = torch.ops.megapeer.grouped_axpy(grad_s, idx, tab, ctx.m, *lay)
     if ctx.needs_input_grad[2]:
-        gt = torch.ops.megapeer.grouped_scatter(grad_s, idx, x, tab.shape[0], ctx.m, order,
-                                                expert_off, counts)
+        gt = torch.ops.megapeer.grouped_scatter(grad_s, idx, x, tab.shape[0], ctx.m, *lay)
     return (gx, None, gt, None) + (None,) * 5
 
 
 def _axpy_backward(ctx, grad_out):
     w, idx, tab, *lay = ctx.saved_tensors
-    order, _, _, expert_off, counts = lay
     gw = gt = None
     if ctx.needs_input_grad[0]:
         gw = torch.ops.megapeer.grouped_dot(grad_out, idx, tab, ctx.m, *lay)
     if ctx.needs_input_grad[2]:
-        gt = torch.ops.megapeer.grouped_scatter(w, idx, grad_out, tab.shape[0], ctx.m, order,
-                                                expert_off, counts)
+        gt = torch.ops.megapeer.grouped_scatter(w, idx, grad_out, tab.shape[0], ctx.m, *lay)
     return (gw, None, gt, None) + (None,) * 5
 
 
