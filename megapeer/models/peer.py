@@ -13,6 +13,7 @@ the output slices are all-gathered) and along expert rows over the expert-parall
 group (tokens all-gathered within the group, partial outputs reduce-scattered).
 Query network and sub-keys are small and replicated.
 """
+import contextlib
 import math
 
 import torch
@@ -92,7 +93,7 @@ class PEER(MegatronModule):
                 torch.nn.init.normal_(k, std=1.0 / math.sqrt(self.sub_dim))
             tracker = tensor_parallel.get_cuda_rng_tracker()
             name = tensor_parallel.random.get_expert_parallel_rng_tracker_name()
-            ctx = tracker.fork(name) if name in tracker.get_states() else _nullctx()
+            ctx = tracker.fork(name) if name in tracker.get_states() else contextlib.nullcontext()
             with ctx:
                 torch.nn.init.normal_(self.U, std=std)
                 # output-side init scaled like Megatron's output layers
@@ -265,12 +266,7 @@ class _SpanMarker(torch.autograd.Function):
         return g, None, None
 
 
-class _nullctx:
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *a):
-        return False
 
 
 def _all_gather_rows(t, group):
