@@ -4,6 +4,8 @@
 # machine), then check and time the stages named in STAGES. Logs and JSON go to $OUT.
 # Run from the repository root on an H100/H200, e.g.
 #   STAGES=prof1b,layouts GPUS=2 bash bench/gpu_session.sh
+# PARALLEL runs stage lists side by side, one GPU each, logs in $OUT/gpuN.log, e.g.
+#   PARALLEL="0:grouped 1:grouped1bc 2:parity,tune" bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -15,6 +17,16 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv
 [[ -n ${SKIP_BUILD:-} ]] || python3 -c "import megapeer._C" 2>/dev/null || bash bench/peer_gpu_check.sh build 2>&1 | tail -3
 python3 -m megapeer.cli info | grep -i peer
+if [[ -n ${PARALLEL:-} ]]; then
+  for job in $PARALLEL; do
+    gpu=${job%%:*}
+    CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=8 STAGES=${job#*:} SKIP_BUILD=1 PARALLEL= \
+      OUT=$OUT/gpu$gpu bash "$0" > "$OUT/gpu$gpu.log" 2>&1 &
+  done
+  wait
+  for job in $PARALLEL; do echo "=== GPU ${job%%:*}: ${job#*:}"; tail -${TAIL:-40} "$OUT/gpu${job%%:*}.log"; done
+  exit 0
+fi
 STAGES=${STAGES:-sdpa,t100m,t1b,resume}
 tput() {  # name timeout args...
   local name=$1 limit=$2; shift 2
@@ -41,12 +53,18 @@ has ro1b2 && tput ro1b2 150 --size 1b --variants mla_dense --compile reduce-over
   --set training.micro_batch_size=2 training.global_batch_size=8
 has ccheck && timeout 240 python3 bench/compile_check.py 2>&1 | grep -v -i warn | tee "$OUT/ccheck.txt" | tail -4
 has topk && timeout 60 python3 bench/peer_topk.py 2>&1 | tee "$OUT/topk.txt"
-# the grouped Triton PEER kernels: checks (fp32 and bf16) and the 1B PEER step with them
-has grouped && timeout 200 python3 -m pytest -q -x tests/test_peer_grouped.py 2>&1 | tail -25
-has grouped && timeout 300 python3 bench/peer_kernel.py --sizes small,reuse,reuse128,reuse32 --no-variants \
+# the grouped Triton PEER kernels: checks (fp32 and bf16), kernel timings; the 1B PEER step
+has grouped && timeout 150 python3 -m pytest -q -x tests/test_peer_grouped.py 2>&1 | tail -25
+has grouped && timeout 200 python3 bench/peer_kernel.py --sizes small,reuse,reuse128,reuse32 --no-variants \
   --no-breakdown --json "$OUT/grouped_kernel.json" 2>&1 | tail -8
-has grouped && TAIL=90 tput grouped1b 500 --size 1b --variants mla_dense,mla_peer,mla_peer_wide \
+has grouped1b && TAIL=90 tput grouped1b 500 --size 1b --variants mla_dense,mla_peer,mla_peer_wide \
   --set model.peer.kernel=grouped --profile /tmp/grouped1b
+# the same with training.compile (the grouped ops are custom ops with fake implementations)
+has grouped1bc && TAIL=12 tput grouped1bc 550 --size 1b --variants mla_dense,mla_peer,mla_peer_wide \
+  --compile --set model.peer.kernel=grouped
+# the wide variant with the fused CUDA kernels, for comparison
+has widefused && tput widefused 300 --size 1b --variants mla_peer_wide
+has tune && timeout 330 python3 bench/grouped_tune.py --json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.txt" | tail -12
 # fused vs grouped PEER kernels in real training (~100M, experts of width 16): losses, tok/s
 if has parity; then
   [[ -f /tmp/demo/tokenizer.model ]] || python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null

@@ -35,7 +35,12 @@ from torch import Tensor
 
 from . import peer_ref
 
-BM, BK, BN = 64, 64, 64  # pairs per block, d-chunk of the dot, d-tile of axpy/scatter
+BM = 64   # pairs per block (the layout's unit)
+# Launch settings per kernel: BK is the dot's d-chunk, BN the d-tile of axpy and scatter.
+# bench/grouped_tune.py times the alternatives on a GPU.
+TILES = {"dot": dict(BK=64, num_warps=4, num_stages=3),
+         "axpy": dict(BN=64, num_warps=4, num_stages=3),
+         "scatter": dict(BN=64, num_warps=4, num_stages=3)}
 
 _kernels = None
 
@@ -119,8 +124,8 @@ def _dot_op(x: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_ex
     d = x.shape[1]
     dot_kernel[(block_expert.numel(),)](x, x.stride(0), tab, tab.stride(0), s, order,
                                         block_expert, block_start, expert_off, counts,
-                                        _hk(idx), m, d, BM=BM, MB=_mb(m), BK=BK,
-                                        IEEE=x.dtype == torch.float32)
+                                        _hk(idx), m, d, BM=BM, MB=_mb(m),
+                                        IEEE=x.dtype == torch.float32, **TILES["dot"])
     return s
 
 
@@ -137,9 +142,10 @@ def _axpy_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_e
     w = w.contiguous()
     T, d = idx.shape[0], tab.shape[1]
     out = torch.zeros(T, d, dtype=torch.float32, device=tab.device)
-    axpy_kernel[(block_expert.numel(), triton.cdiv(d, BN))](
+    t = TILES["axpy"]
+    axpy_kernel[(block_expert.numel(), triton.cdiv(d, t["BN"]))](
         w, tab, tab.stride(0), out, order, block_expert, block_start, expert_off, counts,
-        _hk(idx), m, d, BM=BM, MB=_mb(m), BN=BN, IEEE=tab.dtype == torch.float32)
+        _hk(idx), m, d, BM=BM, MB=_mb(m), IEEE=tab.dtype == torch.float32, STORE=False, **t)
     return out.to(tab.dtype)
 
 
@@ -158,10 +164,11 @@ def _scatter_op(coef: Tensor, idx: Tensor, src: Tensor, n_rows: int, m: int, ord
     n_exp = n_rows // m
     d = src.shape[1]
     grad = torch.empty(n_rows, d, dtype=src.dtype, device=src.device)
-    scatter_kernel[(n_exp, triton.cdiv(d, BN))](coef, src, src.stride(0), grad, order,
-                                                expert_off, counts, _hk(idx), m, d,
-                                                BM=BM, MB=_mb(m), BN=BN,
-                                                IEEE=src.dtype == torch.float32)
+    t = TILES["scatter"]
+    scatter_kernel[(n_exp, triton.cdiv(d, t["BN"]))](coef, src, src.stride(0), grad, order,
+                                                     expert_off, counts, _hk(idx), m, d,
+                                                     BM=BM, MB=_mb(m),
+                                                     IEEE=src.dtype == torch.float32, **t)
     return grad
 
 

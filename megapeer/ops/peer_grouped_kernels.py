@@ -46,7 +46,7 @@ def peer_grouped_dot(x, ldx, tab, ldt, s, order, block_expert, block_start, expe
 @triton.jit
 def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, expert_off,
                       counts, hk, m, d, BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
-                      IEEE: tl.constexpr):
+                      IEEE: tl.constexpr, STORE: tl.constexpr):
     e, pair, tok, valid = _block(tl.program_id(0), order, block_expert, block_start,
                                  expert_off, counts, hk, BM)
     j = tl.arange(0, MB)
@@ -61,8 +61,12 @@ def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, exp
         acc = tl.dot(c, v, input_precision="ieee")
     else:
         acc = tl.dot(c, v)
-    tl.atomic_add(out + tok[:, None] * d + n[None, :], acc, mask=valid[:, None] & nm[None, :],
-                  sem="relaxed")  # a plain reduction: no ordering needed
+    if STORE:   # one row per pair into out [P, d] (summed per token by the caller)
+        tl.store(out + pair[:, None] * d + n[None, :], acc.to(out.dtype.element_ty),
+                 mask=valid[:, None] & nm[None, :])
+    else:
+        tl.atomic_add(out + tok[:, None] * d + n[None, :], acc, mask=valid[:, None] & nm[None, :],
+                      sem="relaxed")  # a plain reduction: no ordering needed
 
 @triton.jit
 def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m, d,

@@ -1,0 +1,121 @@
+"""Launch settings of the grouped Triton PEER kernels (ops/peer_grouped.py), timed on a GPU.
+
+For each shape, block size BM (pairs per block) and kernel, every tile / warps / stages
+combination is timed (triton.testing.do_bench, ms) and checked against the default
+settings' result. The axpy is timed two ways: fp32 atomics into [T, d] (what the ops do),
+and one stored row per pair into [P, d] bf16 plus a per-token sum (deterministic; the time
+includes the sum). Shapes: the ~1.3B PEER layer of bench/train_throughput.py and its wide
+variant.
+
+  python3 bench/grouped_tune.py [--shapes reuse,wide] [--json out.json]
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# T, d, experts, h, k, m
+SHAPES = {"reuse": (4096, 2048, 64 ** 2, 16, 32, 16),
+          "wide": (4096, 2048, 32 ** 2, 8, 16, 64)}
+KERNELS = ("dot", "axpy", "axpy_store", "scatter")
+DEV = "cuda"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="reuse,wide")
+    ap.add_argument("--bm", default="64,128")
+    ap.add_argument("--tiles", default="64,128")
+    ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--stages", default="2,3,4")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    import triton
+    import triton.testing
+
+    from megapeer.ops import peer_grouped as pg
+    from megapeer.ops import peer_grouped_kernels as pk
+
+    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": triton.__version__, "results": []}
+    print(out["device"], out["torch"], "triton", out["triton"], flush=True)
+    for shape in args.shapes.split(","):
+        T, d, n_exp, h, k, m = SHAPES[shape]
+        g = torch.Generator(device=DEV).manual_seed(0)
+        bf = dict(device=DEV, dtype=torch.bfloat16)
+        x = torch.randn(T, d, generator=g, **bf)
+        U = torch.randn(n_exp * m, d, generator=g, **bf) * 0.02
+        w = torch.randn(T, h, k, m, generator=g, **bf)
+        go = torch.randn(T, d, generator=g, **bf)
+        idx = torch.randint(0, n_exp, (T, h, k), generator=g, device=DEV)
+        hk, MB = h * k, pg._mb(m)
+        for bm in ints(args.bm):
+            pg.BM = bm
+            lay = torch.ops.megapeer.grouped_layout(idx, n_exp)
+            order, bexp, bstart, eoff, counts = lay
+            nb = bexp.numel()
+
+            def launch(kind, tile, warps, stages):
+                kw = dict(num_warps=warps, num_stages=stages, BM=bm, MB=MB, IEEE=False)
+                if kind == "dot":
+                    s = torch.empty(T, h, k, m, **bf)
+                    pk.peer_grouped_dot[(nb,)](x, d, U, d, s, order, bexp, bstart, eoff,
+                                               counts, hk, m, d, BK=tile, **kw)
+                    return s
+                if kind.startswith("axpy"):
+                    store = kind == "axpy_store"
+                    o = (torch.empty(T * hk, d, **bf) if store
+                         else torch.zeros(T, d, device=DEV, dtype=torch.float32))
+                    pk.peer_grouped_axpy[(nb, triton.cdiv(d, tile))](
+                        w, U, d, o, order, bexp, bstart, eoff, counts, hk, m, d, BN=tile,
+                        STORE=store, **kw)
+                    return o.view(T, hk, d).sum(1) if store else o.to(torch.bfloat16)
+                grad = torch.empty(n_exp * m, d, **bf)
+                pk.peer_grouped_scatter[(n_exp, triton.cdiv(d, tile))](
+                    w, go, d, grad, order, eoff, counts, hk, m, d, BN=tile, **kw)
+                return grad
+
+            for kind in KERNELS:
+                want = launch("axpy" if kind == "axpy_store" else kind, 64, 4, 3).float()
+                scale = want.abs().max().item()
+                for tile, warps, stages in itertools.product(ints(args.tiles), ints(args.warps),
+                                                            ints(args.stages)):
+                    row = dict(shape=shape, BM=bm, kernel=kind, tile=tile, warps=warps,
+                               stages=stages)
+                    try:
+                        err = (launch(kind, tile, warps, stages).float() - want).abs().max().item()
+                        row["ms"] = triton.testing.do_bench(
+                            lambda: launch(kind, tile, warps, stages), warmup=10, rep=50)
+                        row["rel_err"] = err / scale
+                    except Exception as e:  # e.g. out of shared memory for this tile
+                        row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+                    out["results"].append(row)
+                    print(json.dumps(row), flush=True)
+        pg.BM = 64
+    print("\nbest per shape and kernel (ms; rel_err against BM=64, tile 64, 4 warps, 3 stages):")
+    best = {}
+    for r in out["results"]:
+        key = (r["shape"], r["kernel"])
+        if "ms" in r and (key not in best or r["ms"] < best[key]["ms"]):
+            best[key] = r
+    default = {(r["shape"], r["kernel"]): r for r in out["results"]
+               if (r["BM"], r["tile"], r["warps"], r["stages"]) == (64, 64, 4, 3) and "ms" in r}
+    for key, r in sorted(best.items()):
+        base = default.get(key, {}).get("ms")
+        print(f"  {key[0]:6s} {key[1]:10s} default {base if base is None else round(base, 3)} "
+              f"best {r['ms']:.3f} (BM {r['BM']}, tile {r['tile']}, warps {r['warps']}, "
+              f"stages {r['stages']}, rel_err {r['rel_err']:.1e})")
+    out["best"] = [dict(r) for r in best.values()]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
