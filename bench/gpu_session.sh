@@ -20,13 +20,17 @@ python3 -m megapeer.cli info | grep -i peer
 if [[ -n ${PARALLEL:-} ]]; then
   for job in $PARALLEL; do
     gpu=${job%%:*}
-    CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=8 STAGES=${job#*:} SKIP_BUILD=1 PARALLEL= \
+    CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=8 STAGES=${job#*:} SKIP_BUILD=1 PARALLEL= NO_BUNDLE=1 \
       OUT=$OUT/gpu$gpu bash "$0" > "$OUT/gpu$gpu.log" 2>&1 &
   done
   wait
   for job in $PARALLEL; do echo "=== GPU ${job%%:*}: ${job#*:}"; tail -${TAIL:-40} "$OUT/gpu${job%%:*}.log"; done
-  exit 0
 fi
+bundle() {  # the device tool returns at most 8 files: everything in $OUT as one archive
+  [[ -n ${NO_BUNDLE:-} ]] && return
+  (cd "$OUT" && tar -czf /tmp/results.tgz . && find . -mindepth 1 -delete && mv /tmp/results.tgz .)
+}
+[[ -n ${PARALLEL:-} ]] && { bundle; exit 0; }
 STAGES=${STAGES:-sdpa,t100m,t1b,resume}
 tput() {  # name timeout args...
   local name=$1 limit=$2; shift 2
@@ -55,21 +59,26 @@ has ccheck && timeout 240 python3 bench/compile_check.py 2>&1 | grep -v -i warn 
 has topk && timeout 60 python3 bench/peer_topk.py 2>&1 | tee "$OUT/topk.txt"
 # the grouped Triton PEER kernels: checks (fp32 and bf16), kernel timings; the 1B PEER step
 has grouped && timeout 150 python3 -m pytest -q -x tests/test_peer_grouped.py 2>&1 | tail -25
-has grouped && timeout 200 python3 bench/peer_kernel.py --sizes small,reuse,reuse128,reuse32 --no-variants \
+has grouped && timeout 200 python3 bench/peer_kernel.py --sizes ${KSIZES:-small,reuse,reuse128,reuse32} --no-variants \
   --no-breakdown --json "$OUT/grouped_kernel.json" 2>&1 | tail -8
 has grouped1b && TAIL=90 tput grouped1b 500 --size 1b --variants mla_dense,mla_peer,mla_peer_wide \
   --set model.peer.kernel=grouped --profile /tmp/grouped1b
 # the same with training.compile (the grouped ops are custom ops with fake implementations)
-has grouped1bc && TAIL=12 tput grouped1bc 550 --size 1b --variants mla_dense,mla_peer,mla_peer_wide \
-  --compile --set model.peer.kernel=grouped
+has grouped1bc && TAIL=12 tput grouped1bc 550 --size 1b --compile --set model.peer.kernel=grouped \
+  --variants ${C1B_VARIANTS:-mla_dense,mla_peer,mla_peer_wide}
+# compiled 1B runs with the default kernel choice (auto)
+has auto1bc && TAIL=12 tput auto1bc 550 --size 1b --compile \
+  --variants ${C1B_VARIANTS:-mla_dense,mla_peer,mla_peer_wide,mla_peer_wider}
+# eager profile of the widest PEER variant
+has wider1b && TAIL=70 tput wider1b 400 --size 1b --variants mla_dense,mla_peer_wider --profile /tmp/wider1b
 # the wide variant with the fused CUDA kernels, for comparison
 has widefused && tput widefused 300 --size 1b --variants mla_peer_wide
 has tune && timeout 330 python3 bench/grouped_tune.py --json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.txt" | tail -12
 # fused vs grouped PEER kernels in real training (~100M, experts of width 16): losses, tok/s
 if has parity; then
   [[ -f /tmp/demo/tokenizer.model ]] || python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null
-  timeout 400 python3 bench/kernel_parity.py --data /tmp/demo --steps 20 \
-    --json "$OUT/parity.json" 2>&1 | grep -v -i warn | tail -6
+  timeout 450 python3 bench/kernel_parity.py --data /tmp/demo --steps 20 --json "$OUT/parity.json" \
+    ${PARITY_ARGS:-} 2>&1 | grep -v -i warn | tail -8
 fi
 has ktest && timeout 200 python3 -m pytest -q -x tests/test_peer_kernel.py 2>&1 | tail -4
 if has resume; then
@@ -91,4 +100,5 @@ if has layouts; then
     [[ -f $d/profile/summary_rank0.txt ]] && cp "$d/profile/summary_rank0.txt" "$OUT/layout_$(basename "$d").txt"
   done
 fi
+bundle
 exit 0

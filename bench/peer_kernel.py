@@ -43,6 +43,12 @@ SIZES = {
     # fused cross over)
     "reuse128": (4096, 2048, 128 ** 2, 16, 32, 16),
     "reuse32": (4096, 2048, 256 ** 2, 16, 32, 16),
+    # narrower experts with many pairs each (where auto's width threshold should sit): the
+    # reuse layer with single neurons (~512 pairs per expert), and the ~100M PEER layers of
+    # bench/train_throughput.py (mla_peer: m=1, mla_peer_wide: m=4; ~32 pairs per expert)
+    "m1_512": (4096, 2048, 64 ** 2, 16, 32, 1),
+    "m1_32": (16384, 768, 256 ** 2, 8, 16, 1),
+    "m4_32": (16384, 768, 128 ** 2, 4, 8, 4),
 }
 REF_MAX_BYTES = 40 * 1024 ** 3  # the reference gathers [T, h, k, m, d]: skipped above this
 GiB = 1024 ** 3

@@ -15,6 +15,8 @@ Variants:
                   expert FLOPs and table size; retrieval is cheaper: 9.33 against 9.64
                   GFLOP/token at 1b): 4x fewer (token, expert) pairs, which is what the
                   grouped kernels' cost follows (their axpy does one atomic row per pair)
+  mla_peer_wider  16x wider experts than mla_peer, 16x fewer retrieved per token (at 1b:
+                  256 experts of width 256, 32 per token; close to a fine-grained MoE)
 """
 import argparse
 import json
@@ -45,13 +47,20 @@ GPU_100M = ["model.num_layers=12", "model.hidden_size=768", "model.num_attention
             "training.global_batch_size=8", "training.precision=bf16"]
 GPU_100M_PEER = ["model.layer_pattern=DP", "model.peer.num_experts=[256,256]",
                  "model.peer.heads=8", "model.peer.topk=16", "model.peer.key_dim=128"]
-# mla_peer_wide: experts 4x wider, h*k 4x smaller, the same rows per table (appended to *_PEER)
-WIDE = {"1b": ["model.peer.num_experts=[32,32]", "model.peer.expert_hidden=64",
-               "model.peer.heads=8", "model.peer.topk=16"],
-        "100m": ["model.peer.num_experts=[128,128]", "model.peer.expert_hidden=4",
-                 "model.peer.heads=4", "model.peer.topk=8"],
-        "tiny": ["model.peer.num_experts=[8,8]", "model.peer.expert_hidden=16",
-                 "model.peer.heads=2", "model.peer.topk=4"]}
+
+
+def _width(sizes, m, h, k):
+    return [f"model.peer.num_experts=[{sizes[0]},{sizes[1]}]", f"model.peer.expert_hidden={m}",
+            f"model.peer.heads={h}", f"model.peer.topk={k}"]
+
+
+# wider experts, fewer per token, the same rows per table (appended to *_PEER)
+WIDE = {"1b": {"mla_peer_wide": _width([32, 32], 64, 8, 16),
+               "mla_peer_wider": _width([16, 16], 256, 4, 8)},
+        "100m": {"mla_peer_wide": _width([128, 128], 4, 4, 8),
+                 "mla_peer_wider": _width([64, 64], 16, 2, 4)},
+        "tiny": {"mla_peer_wide": _width([8, 8], 16, 2, 4),
+                 "mla_peer_wider": _width([4, 4], 64, 1, 2)}}
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
         "model.ffn_hidden_size=192", "model.vocab_size=512", "model.seq_length=64",
         "training.micro_batch_size=2", "training.global_batch_size=2",
@@ -210,8 +219,10 @@ def main():
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     rows = []
     for name in args.variants.split(","):
-        ov = base + {"mla_peer": peer, "mla_peer_wide": peer + WIDE[args.size]}.get(
-            name, ["model.layer_pattern=D"])
+        if name == "mla_peer" or name in WIDE[args.size]:
+            ov = base + peer + WIDE[args.size].get(name, [])
+        else:
+            ov = base + ["model.layer_pattern=D"]
         r = run_variant(name, ov + args.set, args.steps, args.warmup, args.profile,
                         args.compile if name != "megatron_local" else None)
         r["mfu"] = r["tflops"] / rate if rate else None

@@ -35,8 +35,11 @@ def info() -> int:
           f"{'' if ok else ' (' + why + ')'}")
     from .ops import peer_grouped
     gok, gwhy = peer_grouped.available()
+    from .ops.dispatch import GROUPED_MIN_PAIRS, GROUPED_MIN_WIDTH
     print(f"grouped Triton kernels (model.peer.kernel=grouped): "
-          f"{'available' if gok else 'unavailable: ' + gwhy}")
+          f"{'available' if gok else 'unavailable: ' + gwhy}"
+          + (f"; auto uses them for experts of width >= {GROUPED_MIN_WIDTH} chosen by "
+             f">= {GROUPED_MIN_PAIRS} pairs each per call" if gok else ""))
     return 0
 
 

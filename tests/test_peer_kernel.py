@@ -77,6 +77,27 @@ def test_dispatch_on_cpu_uses_reference():
         dispatch.gather_dot(x, idx, U, 2, mode="fast")
 
 
+def test_auto_picks_grouped_for_wide_experts_with_many_pairs(monkeypatch):
+    """'auto' on CUDA operands: grouped Triton kernels from width 16 and 16 pairs per expert
+    on average (the shapes decide; no data is read), the fused kernels otherwise."""
+    from types import SimpleNamespace
+
+    from megapeer.ops import peer_grouped
+    monkeypatch.setattr(peer_grouped, "available", lambda: (True, "test"))
+    monkeypatch.setattr(dispatch, "_use_fused", lambda mode, *t: True)
+
+    def path(T, n_exp, m, hk=8):
+        idx = SimpleNamespace(numel=lambda: T * hk)
+        tab = SimpleNamespace(is_cuda=True, shape=(n_exp * m, 64))
+        return dispatch._path("auto", idx, m, SimpleNamespace(is_cuda=True), tab).__name__
+
+    assert path(T=2 * 64, n_exp=64, m=16) == peer_grouped.__name__      # 16 pairs per expert
+    assert path(T=2 * 64 - 1, n_exp=64, m=16) == peer_cuda.__name__     # just below
+    assert path(T=4096, n_exp=64, m=8) == peer_cuda.__name__            # too narrow
+    monkeypatch.setattr(peer_grouped, "available", lambda: (False, "no Triton"))
+    assert path(T=4096, n_exp=64, m=16) == peer_cuda.__name__
+
+
 def test_algorithm_settings():
     st = peer_cuda._settings
     saved = (st.dot, st.scatter, st.chunk, st.deterministic)

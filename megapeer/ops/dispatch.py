@@ -1,14 +1,26 @@
 """Choose the reference or fused implementation of PEER's expert step.
 
 mode: 'reference' always uses ops/peer_ref.py; 'fused' requires the compiled
-extension and CUDA tensors (error otherwise); 'auto' uses fused when both are
-available and falls back to the reference otherwise; 'grouped' uses the Triton
-grouped-matmul kernels of ops/peer_grouped.py (many tokens per expert; error when
-Triton cannot run).
+extension and CUDA tensors (error otherwise); 'grouped' uses the Triton
+grouped-matmul kernels of ops/peer_grouped.py (error when Triton cannot run);
+'auto', on CUDA tensors: grouped for experts of width >= GROUPED_MIN_WIDTH chosen by
+>= GROUPED_MIN_PAIRS (token, head) pairs each on average in the call (read from the
+shapes, no host sync), fused otherwise; the reference where neither can run.
 """
 import torch
 
 from . import peer_ref
+
+# Measured crossover (H200, docs/kernels.md): at width 16 the grouped kernels are 3x to
+# 6x faster than the fused ones with 32 to 512 pairs per expert; with single-neuron
+# experts and ~4 pairs per expert they are 27x slower.
+GROUPED_MIN_WIDTH = 16
+GROUPED_MIN_PAIRS = 16
+
+
+def prefers_grouped(idx_numel: int, table_rows: int, m: int) -> bool:
+    """Whether 'auto' picks the grouped kernels for this shape (when they can run)."""
+    return m >= GROUPED_MIN_WIDTH and idx_numel >= GROUPED_MIN_PAIRS * (table_rows // m)
 
 
 def kernel_status():
@@ -47,7 +59,7 @@ def _use_fused(mode: str, *tensors: torch.Tensor) -> bool:
     return peer_cuda.supports(*tensors)
 
 
-def _path(mode, *tensors):
+def _path(mode, idx, m, *tensors):
     """The module (peer_grouped, peer_cuda or peer_ref) that serves `mode` for these operands."""
     if mode == "grouped":
         from . import peer_grouped
@@ -55,6 +67,11 @@ def _path(mode, *tensors):
         if not ok:
             raise RuntimeError(f"model.peer.kernel=grouped but {why}")
         return peer_grouped
+    if (mode == "auto" and all(t.is_cuda for t in tensors)
+            and prefers_grouped(idx.numel(), tensors[-1].shape[0], m)):
+        from . import peer_grouped
+        if peer_grouped.available()[0]:
+            return peer_grouped
     if _use_fused(mode, *tensors):
         from . import peer_cuda
         return peer_cuda
@@ -62,8 +79,8 @@ def _path(mode, *tensors):
 
 
 def gather_dot(x, idx, U, m: int = 1, mode: str = "auto"):
-    return _path(mode, x, U).gather_dot(x, idx, U, m)
+    return _path(mode, idx, m, x, U).gather_dot(x, idx, U, m)
 
 
 def gather_axpy(w, idx, V, m: int = 1, mode: str = "auto"):
-    return _path(mode, w, V).gather_axpy(w, idx, V, m)
+    return _path(mode, idx, m, w, V).gather_axpy(w, idx, V, m)
