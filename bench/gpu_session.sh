@@ -73,7 +73,14 @@ has auto1bc && TAIL=12 tput auto1bc 550 --size 1b --compile \
 has wider1b && TAIL=70 tput wider1b 400 --size 1b --variants mla_dense,mla_peer_wider --profile /tmp/wider1b
 # the wide variant with the fused CUDA kernels, for comparison
 has widefused && tput widefused 300 --size 1b --variants mla_peer_wide
-has tune && timeout 330 python3 bench/grouped_tune.py --json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.txt" | tail -12
+has tune && timeout ${TUNE_LIMIT:-330} python3 bench/grouped_tune.py --json "$OUT/tune.json" ${TUNE_ARGS:-} 2>&1 \
+  | tee "$OUT/tune.txt" | tail -12
+# compiled 1B steps under the profiler (where the time goes with training.compile)
+has prof1bc && TAIL=70 tput prof1bc 420 --size 1b --compile --variants mla_dense,mla_peer_wider \
+  --profile /tmp/prof1bc
+# compiled 1B, micro-batch 2 (global batch 8)
+has mbs2pc && tput mbs2pc 420 --size 1b --compile --variants mla_dense,mla_peer_wide,mla_peer_wider \
+  --set training.micro_batch_size=2 training.global_batch_size=8
 # fused vs grouped PEER kernels in real training (~100M, experts of width 16): losses, tok/s
 if has parity; then
   [[ -f /tmp/demo/tokenizer.model ]] || python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null

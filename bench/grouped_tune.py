@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # T, d, experts, h, k, m
 SHAPES = {"reuse": (4096, 2048, 64 ** 2, 16, 32, 16),
-          "wide": (4096, 2048, 32 ** 2, 8, 16, 64)}
+          "wide": (4096, 2048, 32 ** 2, 8, 16, 64),
+          "wider": (4096, 2048, 16 ** 2, 4, 8, 256)}
 KERNELS = ("dot", "axpy", "axpy_store", "scatter")
 DEV = "cuda"
 
@@ -33,6 +34,7 @@ def main():
     ap.add_argument("--tiles", default="64,128")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3,4")
+    ap.add_argument("--mc", default="64", help="expert columns per chunk (wide experts)")
     ap.add_argument("--json")
     args = ap.parse_args()
     import triton
@@ -55,18 +57,19 @@ def main():
         go = torch.randn(T, d, generator=g, **bf)
         idx = torch.randint(0, n_exp, (T, h, k), generator=g, device=DEV)
         hk, MB = h * k, pg._mb(m)
-        for bm in ints(args.bm):
+        for bm, mc in itertools.product(ints(args.bm), ints(args.mc)):
+            mc = min(mc, MB)
             pg.BM = bm
             lay = torch.ops.megapeer.grouped_layout(idx, n_exp)
             order, bexp, bstart, eoff, counts = lay
             nb = bexp.numel()
 
             def launch(kind, tile, warps, stages):
-                kw = dict(num_warps=warps, num_stages=stages, BM=bm, MB=MB, IEEE=False)
+                kw = dict(num_warps=warps, num_stages=stages, BM=bm, MB=MB, MC=mc, IEEE=False)
                 if kind == "dot":
                     s = torch.empty(T, h, k, m, **bf)
-                    pk.peer_grouped_dot[(nb,)](x, d, U, d, s, order, bexp, bstart, eoff,
-                                               counts, hk, m, d, BK=tile, **kw)
+                    pk.peer_grouped_dot[(nb, MB // mc)](x, d, U, d, s, order, bexp, bstart,
+                                                        eoff, counts, hk, m, d, BK=tile, **kw)
                     return s
                 if kind.startswith("axpy"):
                     store = kind == "axpy_store"
@@ -77,7 +80,7 @@ def main():
                         STORE=store, **kw)
                     return o.view(T, hk, d).sum(1) if store else o.to(torch.bfloat16)
                 grad = torch.empty(n_exp * m, d, **bf)
-                pk.peer_grouped_scatter[(n_exp, triton.cdiv(d, tile))](
+                pk.peer_grouped_scatter[(n_exp, triton.cdiv(d, tile), MB // mc)](
                     w, go, d, grad, order, eoff, counts, hk, m, d, BN=tile, **kw)
                 return grad
 
@@ -86,8 +89,8 @@ def main():
                 scale = want.abs().max().item()
                 for tile, warps, stages in itertools.product(ints(args.tiles), ints(args.warps),
                                                             ints(args.stages)):
-                    row = dict(shape=shape, BM=bm, kernel=kind, tile=tile, warps=warps,
-                               stages=stages)
+                    row = dict(shape=shape, BM=bm, MB=MB, MC=mc, kernel=kind, tile=tile,
+                               warps=warps, stages=stages)
                     try:
                         err = (launch(kind, tile, warps, stages).float() - want).abs().max().item()
                         row["ms"] = triton.testing.do_bench(
@@ -98,18 +101,21 @@ def main():
                     out["results"].append(row)
                     print(json.dumps(row), flush=True)
         pg.BM = 64
-    print("\nbest per shape and kernel (ms; rel_err against BM=64, tile 64, 4 warps, 3 stages):")
+    print("\nbest per shape and kernel (ms; default: BM 64, MC 64, tile 64, 4 warps, 3 stages; "
+          "rel_err against tile 64, 4 warps, 3 stages at the same BM and MC)")
     best = {}
     for r in out["results"]:
         key = (r["shape"], r["kernel"])
         if "ms" in r and (key not in best or r["ms"] < best[key]["ms"]):
             best[key] = r
     default = {(r["shape"], r["kernel"]): r for r in out["results"]
-               if (r["BM"], r["tile"], r["warps"], r["stages"]) == (64, 64, 4, 3) and "ms" in r}
+               if (r["BM"], r["tile"], r["warps"], r["stages"]) == (64, 64, 4, 3)
+               and r["MC"] == min(64, r["MB"]) and "ms" in r}
     for key, r in sorted(best.items()):
         base = default.get(key, {}).get("ms")
         print(f"  {key[0]:6s} {key[1]:10s} default {base if base is None else round(base, 3)} "
-              f"best {r['ms']:.3f} (BM {r['BM']}, tile {r['tile']}, warps {r['warps']}, "
+              f"best {r['ms']:.3f} (BM {r['BM']}, MC {r['MC']}, tile {r['tile']}, "
+              f"warps {r['warps']}, "
               f"stages {r['stages']}, rel_err {r['rel_err']:.1e})")
     out["best"] = [dict(r) for r in best.values()]
     if args.json:

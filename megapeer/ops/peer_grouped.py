@@ -18,7 +18,8 @@ m table rows on tensor cores (`tl.dot`):
 Backward: gather_dot -> grad_x = axpy(grad_s, U), grad_U = scatter(grad_s, x);
 gather_axpy -> grad_V = scatter(w, grad_out), grad_w = dot(grad_out, V).
 The axpy sums with atomics, so its result is not bitwise repeatable; the others are.
-m is padded to 16 inside the kernels (tensor-core tiles); fp32 inputs use IEEE fp32 dots.
+m is padded to 16 inside the kernels (tensor-core tiles) and cut into chunks of MC columns;
+fp32 inputs use IEEE fp32 dots.
 
 Select it with model.peer.kernel=grouped. It runs wherever Triton runs: CUDA GPUs, and
 the CPU under TRITON_INTERPRET=1 (how the tests check it against the reference).
@@ -41,6 +42,7 @@ BM = 64   # pairs per block (the layout's unit)
 TILES = {"dot": dict(BK=64, num_warps=4, num_stages=3),
          "axpy": dict(BN=64, num_warps=4, num_stages=3),
          "scatter": dict(BN=64, num_warps=4, num_stages=3)}
+MC = 64   # expert columns per chunk: wider experts are cut into chunks of MC
 
 _kernels = None
 
@@ -107,6 +109,10 @@ def _mb(m: int) -> int:
     return max(16, 1 << (int(m) - 1).bit_length())
 
 
+def _mc(m: int) -> int:
+    return min(_mb(m), MC)
+
+
 def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -122,10 +128,10 @@ def _dot_op(x: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_ex
     x, tab = _rows(x), _rows(tab)
     s = torch.empty(*idx.shape, m, dtype=x.dtype, device=x.device)
     d = x.shape[1]
-    dot_kernel[(block_expert.numel(),)](x, x.stride(0), tab, tab.stride(0), s, order,
-                                        block_expert, block_start, expert_off, counts,
-                                        _hk(idx), m, d, BM=BM, MB=_mb(m),
-                                        IEEE=x.dtype == torch.float32, **TILES["dot"])
+    dot_kernel[(block_expert.numel(), _mb(m) // _mc(m))](
+        x, x.stride(0), tab, tab.stride(0), s, order, block_expert, block_start, expert_off,
+        counts, _hk(idx), m, d, BM=BM, MB=_mb(m), MC=_mc(m), IEEE=x.dtype == torch.float32,
+        **TILES["dot"])
     return s
 
 
@@ -145,7 +151,8 @@ def _axpy_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_e
     t = TILES["axpy"]
     axpy_kernel[(block_expert.numel(), triton.cdiv(d, t["BN"]))](
         w, tab, tab.stride(0), out, order, block_expert, block_start, expert_off, counts,
-        _hk(idx), m, d, BM=BM, MB=_mb(m), IEEE=tab.dtype == torch.float32, STORE=False, **t)
+        _hk(idx), m, d, BM=BM, MB=_mb(m), MC=_mc(m), IEEE=tab.dtype == torch.float32,
+        STORE=False, **t)
     return out.to(tab.dtype)
 
 
@@ -165,10 +172,9 @@ def _scatter_op(coef: Tensor, idx: Tensor, src: Tensor, n_rows: int, m: int, ord
     d = src.shape[1]
     grad = torch.empty(n_rows, d, dtype=src.dtype, device=src.device)
     t = TILES["scatter"]
-    scatter_kernel[(n_exp, triton.cdiv(d, t["BN"]))](coef, src, src.stride(0), grad, order,
-                                                     expert_off, counts, _hk(idx), m, d,
-                                                     BM=BM, MB=_mb(m),
-                                                     IEEE=src.dtype == torch.float32, **t)
+    scatter_kernel[(n_exp, triton.cdiv(d, t["BN"]), _mb(m) // _mc(m))](
+        coef, src, src.stride(0), grad, order, expert_off, counts, _hk(idx), m, d, BM=BM,
+        MB=_mb(m), MC=_mc(m), IEEE=src.dtype == torch.float32, **t)
     return grad
 
 

@@ -1,7 +1,8 @@
 """Triton kernels of ops/peer_grouped.py (read that first). Imported only when used.
 
 Each block holds up to BM (token, expert) pairs of one expert, sorted by expert; offsets
-are int64. m is padded to MB >= 16 (tensor-core tiles) and masked.
+are int64. m is padded to MB >= 16 (tensor-core tiles) and masked; wide experts are cut
+into chunks of MC <= MB columns (grid axis of the dot and scatter, a loop in the axpy).
 """
 import triton
 import triton.language as tl
@@ -22,13 +23,13 @@ def _block(b, order, block_expert, block_start, expert_off, counts, hk,
 @triton.jit
 def peer_grouped_dot(x, ldx, tab, ldt, s, order, block_expert, block_start, expert_off,
                      counts, hk, m, d, BM: tl.constexpr, MB: tl.constexpr, BK: tl.constexpr,
-                     IEEE: tl.constexpr):
+                     MC: tl.constexpr, IEEE: tl.constexpr):
     e, pair, tok, valid = _block(tl.program_id(0), order, block_expert, block_start,
                                  expert_off, counts, hk, BM)
-    j = tl.arange(0, MB)
+    j = tl.program_id(1) * MC + tl.arange(0, MC)
     jv = j < m
     rows = e * m + j
-    acc = tl.zeros((BM, MB), dtype=tl.float32)
+    acc = tl.zeros((BM, MC), dtype=tl.float32)
     for k0 in range(0, d, BK):
         kk = k0 + tl.arange(0, BK)
         km = kk < d
@@ -46,21 +47,23 @@ def peer_grouped_dot(x, ldx, tab, ldt, s, order, block_expert, block_start, expe
 @triton.jit
 def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, expert_off,
                       counts, hk, m, d, BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
-                      IEEE: tl.constexpr, STORE: tl.constexpr):
+                      MC: tl.constexpr, IEEE: tl.constexpr, STORE: tl.constexpr):
     e, pair, tok, valid = _block(tl.program_id(0), order, block_expert, block_start,
                                  expert_off, counts, hk, BM)
-    j = tl.arange(0, MB)
-    jv = j < m
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nm = n < d
-    c = tl.load(coef + pair[:, None] * m + j[None, :], mask=valid[:, None] & jv[None, :],
-                other=0.0)
-    v = tl.load(tab + (e * m + j)[:, None] * ldt + n[None, :], mask=jv[:, None] & nm[None, :],
-                other=0.0)
-    if IEEE:
-        acc = tl.dot(c, v, input_precision="ieee")
-    else:
-        acc = tl.dot(c, v)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for j0 in range(0, MB, MC):
+        j = j0 + tl.arange(0, MC)
+        jv = j < m
+        c = tl.load(coef + pair[:, None] * m + j[None, :], mask=valid[:, None] & jv[None, :],
+                    other=0.0)
+        v = tl.load(tab + (e * m + j)[:, None] * ldt + n[None, :],
+                    mask=jv[:, None] & nm[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(c, v, input_precision="ieee")
+        else:
+            acc += tl.dot(c, v)
     if STORE:   # one row per pair into out [P, d] (summed per token by the caller)
         tl.store(out + pair[:, None] * d + n[None, :], acc.to(out.dtype.element_ty),
                  mask=valid[:, None] & nm[None, :])
@@ -71,15 +74,15 @@ def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, exp
 @triton.jit
 def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m, d,
                          BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
-                         IEEE: tl.constexpr):
+                         MC: tl.constexpr, IEEE: tl.constexpr):
     e = tl.program_id(0).to(tl.int64)
-    j = tl.arange(0, MB)
+    j = tl.program_id(2) * MC + tl.arange(0, MC)
     jv = j < m
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nm = n < d
     cnt = tl.load(counts + e)
     off = tl.load(expert_off + e)
-    acc = tl.zeros((MB, BN), dtype=tl.float32)
+    acc = tl.zeros((MC, BN), dtype=tl.float32)
     for start in range(0, cnt, BM):
         local = start + tl.arange(0, BM)
         valid = local < cnt
