@@ -1,8 +1,8 @@
 """The grouped Triton PEER kernels (ops/peer_grouped.py) against the plain PyTorch reference.
 
 fp32, forward and every gradient (x, U, V, gates), fresh random inputs: m = 16, 4 (padded
-to the 16-wide tile), 32 with hot experts spanning several blocks, 1, and 100 (padded to
-128 and cut into two column chunks); T and d not
+to the 16-wide tile), 32 with hot experts spanning several blocks, 1, and 100 and 300
+(padded to 128 and 512, cut into column chunks); T and d not
 multiples of the tiles, one token choosing one expert in every slot, x a column slice;
 and one sort of the pairs per forward + backward (the layout is shared by the 6 kernel calls).
 On a CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set for the worker

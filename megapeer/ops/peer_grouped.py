@@ -37,12 +37,15 @@ from torch import Tensor
 from . import peer_ref
 
 BM = 64   # pairs per block (the layout's unit)
-# Launch settings per kernel: BK is the dot's d-chunk, BN the d-tile of axpy and scatter.
-# bench/grouped_tune.py times the alternatives on a GPU.
-TILES = {"dot": dict(BK=64, num_warps=4, num_stages=3),
-         "axpy": dict(BN=64, num_warps=4, num_stages=3),
-         "scatter": dict(BN=64, num_warps=4, num_stages=3)}
-MC = 64   # expert columns per chunk: wider experts are cut into chunks of MC
+# Launch settings per kernel: BK is the dot's d-chunk, BN the d-tile of axpy and scatter,
+# MC the expert columns per chunk (wider experts are cut into chunks of MC). Chosen with
+# bench/grouped_tune.py on an H200 (docs/kernels.md): experts up to 64 wide, then >= 128.
+TILES = {"dot": dict(BK=64, MC=64, num_warps=4, num_stages=3),
+         "axpy": dict(BN=64, MC=64, num_warps=4, num_stages=3),
+         "scatter": dict(BN=64, MC=64, num_warps=4, num_stages=3)}
+TILES_WIDE = {"dot": dict(BK=64, MC=128, num_warps=4, num_stages=3),
+              "axpy": dict(BN=128, MC=64, num_warps=8, num_stages=3),
+              "scatter": dict(BN=128, MC=128, num_warps=8, num_stages=3)}
 
 _kernels = None
 
@@ -109,8 +112,11 @@ def _mb(m: int) -> int:
     return max(16, 1 << (int(m) - 1).bit_length())
 
 
-def _mc(m: int) -> int:
-    return min(_mb(m), MC)
+def _tiles(kind: str, m: int) -> dict:
+    """Launch settings of one kernel for experts of width m (MC capped at the padded width)."""
+    t = dict((TILES_WIDE if _mb(m) >= 128 else TILES)[kind])
+    t["MC"] = min(t["MC"], _mb(m))
+    return t
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -128,10 +134,10 @@ def _dot_op(x: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_ex
     x, tab = _rows(x), _rows(tab)
     s = torch.empty(*idx.shape, m, dtype=x.dtype, device=x.device)
     d = x.shape[1]
-    dot_kernel[(block_expert.numel(), _mb(m) // _mc(m))](
+    t = _tiles("dot", m)
+    dot_kernel[(block_expert.numel(), _mb(m) // t["MC"])](
         x, x.stride(0), tab, tab.stride(0), s, order, block_expert, block_start, expert_off,
-        counts, _hk(idx), m, d, BM=BM, MB=_mb(m), MC=_mc(m), IEEE=x.dtype == torch.float32,
-        **TILES["dot"])
+        counts, _hk(idx), m, d, BM=BM, MB=_mb(m), IEEE=x.dtype == torch.float32, **t)
     return s
 
 
@@ -148,11 +154,10 @@ def _axpy_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_e
     w = w.contiguous()
     T, d = idx.shape[0], tab.shape[1]
     out = torch.zeros(T, d, dtype=torch.float32, device=tab.device)
-    t = TILES["axpy"]
+    t = _tiles("axpy", m)
     axpy_kernel[(block_expert.numel(), triton.cdiv(d, t["BN"]))](
         w, tab, tab.stride(0), out, order, block_expert, block_start, expert_off, counts,
-        _hk(idx), m, d, BM=BM, MB=_mb(m), MC=_mc(m), IEEE=tab.dtype == torch.float32,
-        STORE=False, **t)
+        _hk(idx), m, d, BM=BM, MB=_mb(m), IEEE=tab.dtype == torch.float32, STORE=False, **t)
     return out.to(tab.dtype)
 
 
@@ -171,10 +176,10 @@ def _scatter_op(coef: Tensor, idx: Tensor, src: Tensor, n_rows: int, m: int, ord
     n_exp = n_rows // m
     d = src.shape[1]
     grad = torch.empty(n_rows, d, dtype=src.dtype, device=src.device)
-    t = TILES["scatter"]
-    scatter_kernel[(n_exp, triton.cdiv(d, t["BN"]), _mb(m) // _mc(m))](
+    t = _tiles("scatter", m)
+    scatter_kernel[(n_exp, triton.cdiv(d, t["BN"]), _mb(m) // t["MC"])](
         coef, src, src.stride(0), grad, order, expert_off, counts, _hk(idx), m, d, BM=BM,
-        MB=_mb(m), MC=_mc(m), IEEE=src.dtype == torch.float32, **t)
+        MB=_mb(m), IEEE=src.dtype == torch.float32, **t)
     return grad
 
 

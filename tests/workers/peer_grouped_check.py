@@ -17,7 +17,8 @@ CASES = {  # name: (T, d, experts, m, heads, k)
     "m4_padded": (33, 64, 9, 4, 3, 4),
     "m32_hot": (40, 48, 3, 32, 2, 6),   # 3 experts: many pairs each, several blocks
     "m1": (20, 32, 40, 1, 2, 4),        # single-neuron experts
-    "m100_chunked": (30, 40, 3, 100, 2, 3),   # padded to 128, two column chunks of 64
+    "m100_chunked": (30, 40, 3, 100, 2, 3),   # padded to 128: axpy loops over 2 chunks
+    "m300_chunked": (12, 24, 2, 300, 1, 2),   # padded to 512: 4 column chunks everywhere
 }
 
 
