@@ -17,7 +17,10 @@ m table rows on tensor cores (`tl.dot`):
 
 Backward: gather_dot -> grad_x = axpy(grad_s, U), grad_U = scatter(grad_s, x);
 gather_axpy -> grad_V = scatter(w, grad_out), grad_w = dot(grad_out, V).
-The axpy sums with atomics, so its result is not bitwise repeatable; the others are.
+The axpy sums with atomics, so its result is not bitwise repeatable; the others are. In
+deterministic mode (peer_cuda.set_deterministic or torch.use_deterministic_algorithms) the
+axpy writes one row per pair instead and torch sums them per token: repeatable, at the
+cost of a [pairs, DET_COLS] fp32 buffer (not yet timed on a GPU in this form).
 m is padded to 16 inside the kernels (tensor-core tiles) and cut into chunks of MC columns;
 fp32 inputs use IEEE fp32 dots.
 
@@ -146,19 +149,40 @@ def _(x, idx, tab, m, *lay):
     return x.new_empty((*idx.shape, m))
 
 
+DET_COLS = 256   # d columns per pass of the deterministic axpy (its buffer: [pairs, 256] fp32)
+
+
 @torch.library.custom_op("megapeer::grouped_axpy", mutates_args=())
 def _axpy_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_expert: Tensor,
              block_start: Tensor, expert_off: Tensor, counts: Tensor) -> Tensor:
     triton, _, axpy_kernel, _ = _k()
     tab = _rows(tab)
     w = w.contiguous()
-    T, d = idx.shape[0], tab.shape[1]
+    T, d, hk = idx.shape[0], tab.shape[1], _hk(idx)
+    lay = (order, block_expert, block_start, expert_off, counts)
+    kw = dict(BM=BM, MB=_mb(m), IEEE=tab.dtype == torch.float32, **_tiles("axpy", m))
     out = torch.zeros(T, d, dtype=torch.float32, device=tab.device)
-    t = _tiles("axpy", m)
-    axpy_kernel[(block_expert.numel(), triton.cdiv(d, t["BN"]))](
-        w, tab, tab.stride(0), out, order, block_expert, block_start, expert_off, counts,
-        _hk(idx), m, d, BM=BM, MB=_mb(m), IEEE=tab.dtype == torch.float32, STORE=False, **t)
+    if not _deterministic():
+        axpy_kernel[(block_expert.numel(), triton.cdiv(d, kw["BN"]))](
+            w, tab, tab.stride(0), out, *lay, hk, m, d, STORE=False, **kw)
+        return out.to(tab.dtype)
+    # Deterministic: each pair's row is written by one program (no atomics), then summed
+    # per token by torch in a fixed order; DET_COLS columns at a time.
+    cols = min(d, DET_COLS)
+    buf = torch.empty(T * hk * cols, dtype=torch.float32, device=tab.device)
+    for c0 in range(0, d, cols):
+        wc = min(cols, d - c0)
+        rows = buf[:T * hk * wc].view(T * hk, wc)
+        axpy_kernel[(block_expert.numel(), triton.cdiv(wc, kw["BN"]))](
+            w, tab[:, c0:c0 + wc], tab.stride(0), rows, *lay, hk, m, wc, STORE=True, **kw)
+        out[:, c0:c0 + wc] = rows.view(T, hk, wc).sum(1)
     return out.to(tab.dtype)
+
+
+def _deterministic() -> bool:
+    """peer_cuda.set_deterministic(True) or torch.use_deterministic_algorithms(True)."""
+    from . import peer_cuda
+    return peer_cuda.is_deterministic()
 
 
 @_axpy_op.register_fake
