@@ -111,6 +111,7 @@ class TrainingConfig:
     clip_grad: float = 1.0
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     seed: int = 1234
+    deterministic: bool = False            # bitwise-repeatable runs (torch's deterministic algorithms)
     recompute: Literal["none", "selective", "full"] = "none"
     compile: bool = False                  # torch.compile each transformer layer
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"

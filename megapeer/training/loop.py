@@ -87,11 +87,21 @@ def _build_data(cfg, tokenizer, consumed_train, consumed_valid, n_chunks):
     return mk(train_ds, consumed_train), valid
 
 
+def _deterministic():
+    """training.deterministic: torch's deterministic algorithms everywhere (on the CPU the
+    reference PEER backward's index_put sums in a fixed order; on a GPU the PEER kernels
+    switch to their deterministic forms and cuBLAS gets a fixed workspace)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def train(cfg):
     """Train according to `cfg` (a validated Config). Returns the final train state."""
     init_distributed()
     _setup_logging()
     rank = torch.distributed.get_rank()
+    if cfg.training.deterministic:
+        _deterministic()
     init_model_parallel(cfg.parallel, cfg.training.seed)
     t, m = cfg.training, cfg.model
     run_dir = cfg.logging.run_dir
