@@ -161,13 +161,14 @@ def _axpy_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_e
     T, d, hk = idx.shape[0], tab.shape[1], _hk(idx)
     lay = (order, block_expert, block_start, expert_off, counts)
     kw = dict(BM=BM, MB=_mb(m), IEEE=tab.dtype == torch.float32, **_tiles("axpy", m))
-    out = torch.zeros(T, d, dtype=torch.float32, device=tab.device)
     if not _deterministic():
+        out = torch.zeros(T, d, dtype=torch.float32, device=tab.device)   # atomics sum into it
         axpy_kernel[(block_expert.numel(), triton.cdiv(d, kw["BN"]))](
             w, tab, tab.stride(0), out, *lay, hk, m, d, STORE=False, **kw)
         return out.to(tab.dtype)
     # Deterministic: each pair's row is written by one program (no atomics), then summed
     # per token by torch in a fixed order; DET_COLS columns at a time.
+    out = torch.empty(T, d, dtype=torch.float32, device=tab.device)
     cols = min(d, DET_COLS)
     buf = torch.empty(T * hk * cols, dtype=torch.float32, device=tab.device)
     for c0 in range(0, d, cols):
