@@ -4,8 +4,8 @@ For each shape, block size BM (pairs per block) and kernel, every tile / warps /
 combination is timed (triton.testing.do_bench, ms) and checked against the default
 settings' result. The axpy is timed two ways: fp32 atomics into [T, d] (what the ops do),
 and one stored row per pair into [P, d] bf16 plus a per-token sum (deterministic; the time
-includes the sum). Shapes: the ~1.3B PEER layer of bench/train_throughput.py and its wide
-variant.
+includes the sum). Shapes: the ~1.3B PEER layer of bench/train_throughput.py (m=16) and its
+wide (m=64) and wider (m=256) variants; --mc sweeps the column chunk of wide experts.
 
   python3 bench/grouped_tune.py [--shapes reuse,wide] [--json out.json]
 """
@@ -47,6 +47,7 @@ def main():
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__, "results": []}
     print(out["device"], out["torch"], "triton", out["triton"], flush=True)
+    bm_default = pg.BM
     for shape in args.shapes.split(","):
         T, d, n_exp, h, k, m = SHAPES[shape]
         g = torch.Generator(device=DEV).manual_seed(0)
@@ -100,7 +101,7 @@ def main():
                         row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
                     out["results"].append(row)
                     print(json.dumps(row), flush=True)
-        pg.BM = 64
+        pg.BM = bm_default
     print("\nbest per shape and kernel (ms; default: BM 64, MC 64, tile 64, 4 warps, 3 stages; "
           "rel_err against tile 64, 4 warps, 3 stages at the same BM and MC)")
     best = {}
