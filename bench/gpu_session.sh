@@ -79,8 +79,21 @@ has tune && timeout ${TUNE_LIMIT:-330} python3 bench/grouped_tune.py --json "$OU
 has prof1bc && TAIL=70 tput prof1bc 420 --size 1b --compile --variants mla_dense,mla_peer_wider \
   --profile /tmp/prof1bc
 # compiled 1B, micro-batch 2 (global batch 8)
-has mbs2pc && tput mbs2pc 420 --size 1b --compile --variants mla_dense,mla_peer_wide,mla_peer_wider \
+has mbs2pc && tput mbs2pc 420 --size 1b --compile --variants ${MB2_VARIANTS:-mla_dense,mla_peer_wide,mla_peer_wider} \
   --set training.micro_batch_size=2 training.global_batch_size=8
+# torch's grouped GEMM path (model.peer.kernel=gmm): checks on the GPU, kernel timings
+# against the grouped Triton kernels, compiled 1B runs with it; the fused-Adam switch
+has gmm && timeout 200 python3 -m pytest -q -x tests/test_peer_gmm.py tests/test_optimizer.py 2>&1 | tail -6
+has gmm && timeout 200 python3 bench/peer_kernel.py --sizes ${KSIZES:-wider,m128,m64_512,m32_512} \
+  --paths grouped,gmm --no-variants --no-breakdown --json "$OUT/gmm_kernel.json" 2>&1 | tail -8
+has gmmdet && timeout 200 python3 bench/peer_kernel.py --sizes ${KSIZES:-wider,m128,m64_512,m32_512} \
+  --paths grouped,gmm --no-variants --no-breakdown --deterministic --json "$OUT/gmm_det.json" 2>&1 | tail -8
+has gmm1bc && TAIL=12 tput gmm1bc 550 --size 1b --compile --set model.peer.kernel=gmm \
+  --variants ${C1B_VARIANTS:-mla_dense,mla_peer_wider,mla_peer_wide}
+has mbs2adam && tput mbs2adam 420 --size 1b --compile --variants mla_dense,mla_peer_wider \
+  --set training.micro_batch_size=2 training.global_batch_size=8 training.fused_adam=false
+has adamoff && TAIL=12 tput adamoff 450 --size 1b --compile --set training.fused_adam=false \
+  --variants ${C1B_VARIANTS:-mla_dense,mla_peer_wider}
 # fused vs grouped PEER kernels in real training (~100M, experts of width 16): losses, tok/s
 if has parity; then
   [[ -f /tmp/demo/tokenizer.model ]] || python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null

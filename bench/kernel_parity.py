@@ -4,6 +4,8 @@ first path, and tokens/s of each.
 
   python bench/kernel_parity.py --data DIR [--kernels fused,grouped] [--steps 20] [k=v ...]
 
+A kernel named twice (grouped,grouped#2) is run twice: how far one path drifts from itself.
+
 Default model (GPU): the ~100M MLA+PEER of bench/train_throughput.py with experts of
 width 16 (64^2 per PEER layer, h=16, k=32: hundreds of tokens per expert, the regime of
 the grouped kernels), bf16. --size tiny: a CPU smoke run (reference vs grouped with
@@ -27,8 +29,10 @@ SIZES = {"100m": GPU_100M + WIDE_PEER + ["training.global_batch_size=16",
          "tiny": TINY + TINY_PEER + ["model.peer.expert_hidden=16"]}
 
 
-def run(kernel, a):
-    run_dir = os.path.join(a.out, kernel)
+def run(name, a):
+    """name: a model.peer.kernel value, or value#n for a repeat of it."""
+    kernel = name.split("#")[0]
+    run_dir = os.path.join(a.out, name.replace("#", "_"))
     p = train(run_dir, a.data, a.steps, [
         *SIZES[a.size], "checkpoint.save=false", "checkpoint.resume=none",
         f"model.peer.kernel={kernel}", *a.overrides], timeout=a.timeout)

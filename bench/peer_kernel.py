@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from megapeer.ops import peer_cuda, peer_grouped, peer_ref  # noqa: E402
+from megapeer.ops import peer_cuda, peer_gmm, peer_grouped, peer_ref  # noqa: E402
 
 SIZES = {
     # name: (tokens T, hidden d, experts N, heads h, top-k k[, expert width m])
@@ -49,6 +49,16 @@ SIZES = {
     "m1_512": (4096, 2048, 64 ** 2, 16, 32, 1),
     "m1_32": (16384, 768, 256 ** 2, 8, 16, 1),
     "m4_32": (16384, 768, 128 ** 2, 4, 8, 4),
+    # the 1B PEER layers of bench/train_throughput.py's mla_peer_wide and mla_peer_wider
+    # (same table rows and active FLOPs as "reuse": 32^2 experts of width 64, h=8, k=16;
+    # 16^2 of width 256, h=4, k=8)
+    "wide": (4096, 2048, 32 ** 2, 8, 16, 64),
+    "wider": (4096, 2048, 16 ** 2, 4, 8, 256),
+    # the same active neurons per token with fewer experts (<= 1023: torch._grouped_mm's
+    # limit), for the gmm / grouped crossover by width
+    "m128": (4096, 2048, 512, 8, 8, 128),
+    "m64_512": (4096, 2048, 512, 8, 16, 64),
+    "m32_512": (4096, 2048, 512, 16, 16, 32),
 }
 REF_MAX_BYTES = 40 * 1024 ** 3  # the reference gathers [T, h, k, m, d]: skipped above this
 GiB = 1024 ** 3
@@ -210,20 +220,26 @@ def main():
     ap.add_argument("--ref-reps", type=int, default=10)
     ap.add_argument("--no-variants", action="store_true")
     ap.add_argument("--no-breakdown", action="store_true")
-    ap.add_argument("--paths", default="grouped", help="extra paths to time: grouped (Triton)")
+    ap.add_argument("--paths", default="grouped",
+                    help="extra paths to time, comma-separated: grouped (Triton), gmm (torch._grouped_mm)")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="the kernels' deterministic forms (peer_cuda.set_deterministic)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    peer_cuda.set_deterministic(args.deterministic)
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16
     fused_ok, why = peer_cuda.available()
     grouped_ok = peer_grouped.available()[0] and "grouped" in args.paths.split(",")
+    gmm_ok = peer_gmm.available()[0] and "gmm" in args.paths.split(",")
     info = {"card": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "command": " ".join(["python3"] + sys.argv),
-            "fused": why, "algorithms": peer_cuda.get_algorithms()}
+            "fused": why, "algorithms": peer_cuda.get_algorithms(),
+            "deterministic": args.deterministic}
     print(f"# card: {info['card']}  torch {info['torch']}  date {info['date']}")
-    print(f"# fused path: {why}")
+    print(f"# fused path: {why}; deterministic: {args.deterministic}")
     copy_bw = copy_bandwidth() if cuda else float("nan")
     info["copy_GBps"] = copy_bw / 1e9
     print(f"# device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
@@ -244,6 +260,9 @@ def main():
         if grouped_ok:
             res["grouped"] = measure_step(p, peer_grouped, args.warmup, args.reps)
             rows.append((size, "grouped (Triton)", res["grouped"], floor_fwd, floor_both, T))
+        if gmm_ok and peer_gmm.supports(m, d, dtype, N, cuda):
+            res["gmm"] = measure_step(p, peer_gmm, args.warmup, args.reps)
+            rows.append((size, "gmm (grouped GEMM)", res["gmm"], floor_fwd, floor_both, T))
         if fused_ok:
             res["fused"] = measure_step(p, peer_cuda, args.warmup, args.reps)
             rows.append((size, "fused " + "/".join(str(v) for v in list(peer_cuda.get_algorithms().values())[:2]),

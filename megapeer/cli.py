@@ -40,6 +40,9 @@ def info() -> int:
           f"{'available' if gok else 'unavailable: ' + gwhy}"
           + (f"; auto uses them for experts of width >= {GROUPED_MIN_WIDTH} chosen by "
              f">= {GROUPED_MIN_PAIRS} pairs each per call" if gok else ""))
+    from .ops import peer_gmm
+    mok, mwhy = peer_gmm.available()
+    print(f"torch grouped GEMM (model.peer.kernel=gmm): {mwhy if mok else 'unavailable: ' + mwhy}")
     return 0
 
 

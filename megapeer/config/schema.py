@@ -39,7 +39,7 @@ class PEERConfig:
     activation: Literal["gelu", "relu", "silu"] = "gelu"
     expert_hidden: int = 1                 # 1 = single-neuron experts
     init_std: Optional[float] = None       # table init std (default: model.init_method_std)
-    kernel: Literal["auto", "reference", "fused", "grouped"] = "auto"
+    kernel: Literal["auto", "reference", "fused", "grouped", "gmm"] = "auto"
 
 
 @dataclass
@@ -116,6 +116,7 @@ class TrainingConfig:
     compile: bool = False                  # torch.compile each transformer layer
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     use_distributed_optimizer: bool = False
+    fused_adam: bool = True                # torch's fused Adam kernel for GPU parameters
     overlap_grad_reduce: bool = False
     eval_interval: int = 50
     eval_iters: int = 5

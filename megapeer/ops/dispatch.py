@@ -2,11 +2,15 @@
 
 mode: 'reference' always uses ops/peer_ref.py; 'fused' requires the compiled
 extension and CUDA tensors (error otherwise); 'grouped' uses the Triton
-grouped-matmul kernels of ops/peer_grouped.py (error when Triton cannot run);
-'auto', on CUDA tensors: grouped for experts of width >= GROUPED_MIN_WIDTH chosen by
+grouped-matmul kernels of ops/peer_grouped.py (error when Triton cannot run); 'gmm'
+uses torch's grouped GEMM (ops/peer_gmm.py: CUTLASS on sm90, any device);
+'auto', on CUDA tensors: for experts of width >= GROUPED_MIN_WIDTH chosen by
 >= GROUPED_MIN_PAIRS (token, head) pairs each on average in the call (read from the
-shapes, no host sync), fused otherwise; the reference where neither can run.
+shapes, no host sync) the grouped Triton kernels, fused otherwise; the reference where
+neither can run. 'auto' never picks gmm: the grouped Triton kernels were faster at every
+expert width measured, in both modes (H200, docs/kernels.md).
 """
+
 import torch
 
 from . import peer_ref
@@ -34,7 +38,7 @@ def kernel_status():
     return peer_cuda.available()
 
 
-_MODES = ("auto", "fused", "reference", "grouped")
+_MODES = ("auto", "fused", "reference", "grouped", "gmm")
 
 
 def _use_fused(mode: str, *tensors: torch.Tensor) -> bool:
@@ -60,7 +64,13 @@ def _use_fused(mode: str, *tensors: torch.Tensor) -> bool:
 
 
 def _path(mode, idx, m, *tensors):
-    """The module (peer_grouped, peer_cuda or peer_ref) that serves `mode` for these operands."""
+    """The module (peer_grouped, peer_gmm, peer_cuda or peer_ref) that serves `mode` here."""
+    if mode == "gmm":
+        from . import peer_gmm
+        ok, why = peer_gmm.available()
+        if not ok:
+            raise RuntimeError(f"model.peer.kernel=gmm but {why}")
+        return peer_gmm
     if mode == "grouped":
         from . import peer_grouped
         ok, why = peer_grouped.available()

@@ -300,6 +300,8 @@ def _log_model_summary(cfg, chunks):
     ok, why = kernel_status()
     if m.peer.kernel == "grouped":
         what = "grouped Triton kernels"
+    elif m.peer.kernel == "gmm":
+        what = "torch grouped GEMM (torch._grouped_mm)"
     elif m.peer.kernel == "reference":
         what = "reference (forced)"
     else:

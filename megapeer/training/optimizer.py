@@ -28,7 +28,43 @@ def build_optimizer(chunks, t, dtype, distributed=None):
     if t.peer_weight_decay is not None and t.peer_weight_decay != t.weight_decay:
         overrides[ParamKey(attr="peer_table")] = ParamGroupOverride(
             wd_mult=t.peer_weight_decay / t.weight_decay)
-    return get_megatron_optimizer(cfg, chunks, config_overrides=overrides)
+    opt = get_megatron_optimizer(cfg, chunks, config_overrides=overrides)
+    opt.megapeer_fused_adam = bool(t.fused_adam)
+    use_fused_adam(opt)
+    return opt
+
+
+def _fusable(p) -> bool:
+    return p.is_cuda
+
+
+def _torch_adams(optimizer):
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            yield inner
+
+
+def use_fused_adam(optimizer) -> bool:
+    """training.fused_adam: when Megatron fell back to torch's Adam (no Transformer Engine
+    or apex FusedAdam) and every parameter is on a GPU, run torch's fused kernel (one
+    pass over parameters, grads and state) instead of its default multi-tensor form.
+    Set again before every step, since a resumed optimizer state restores its groups'
+    flags. Returns whether any group is fused."""
+    on = getattr(optimizer, "megapeer_fused_adam", False)
+    fused = False
+    for inner in _torch_adams(optimizer):
+        for g in inner.param_groups:
+            gpu = bool(g["params"]) and all(_fusable(p) for p in g["params"])
+            want = on and gpu
+            if want and not g.get("fused"):
+                for p in g["params"]:   # fused keeps its step counts on the device
+                    st = inner.state.get(p)
+                    if st and "step" in st and st["step"].device != p.device:
+                        st["step"] = st["step"].to(p.device, torch.float32)
+            g["fused"], g["foreach"] = (True, False) if want else (None, None)
+            fused |= bool(g["fused"])
+    return fused
 
 
 def build_scheduler(optimizer, t):
@@ -51,6 +87,7 @@ def optimizer_step(optimizer, clip_grad: float):
     splits it so a NaN/Inf step can be skipped. The norm is computed over all
     model-parallel ranks, so every rank takes the same decision.
     """
+    use_fused_adam(optimizer)
     found_inf = optimizer.prepare_grads()
     if found_inf:
         return False, float("nan")
