@@ -84,3 +84,7 @@ def test_flag_survives_state_reload(world1, monkeypatch):
     assert O.use_fused_adam(Wrapped) and inner.param_groups[0]["fused"] is True
     inner.step()
     assert float(inner.state[p]["step"]) == 2.0
+    inner.state[p]["step"] = torch.tensor(2.0, dtype=torch.float64)   # as a foreign state
+    assert O.use_fused_adam(Wrapped) and inner.state[p]["step"].dtype == torch.float32
+    inner.step()
+    assert float(inner.state[p]["step"]) == 3.0

@@ -45,6 +45,18 @@ def _torch_adams(optimizer):
             yield inner
 
 
+def _steps_elsewhere(inner, group) -> bool:
+    """Whether the group's step counts (read from its first parameter with state) are not
+    fp32 on the parameters' device, as after loading a state saved by the multi-tensor form."""
+    for p in group["params"]:
+        st = inner.state.get(p)
+        if st and "step" in st:
+            step = st["step"]
+            return (not torch.is_tensor(step) or step.device != p.device
+                    or step.dtype != torch.float32)
+    return False
+
+
 def use_fused_adam(optimizer) -> bool:
     """training.fused_adam: when Megatron fell back to torch's Adam (no Transformer Engine
     or apex FusedAdam) and every parameter is on a GPU, run torch's fused kernel (one
@@ -57,10 +69,10 @@ def use_fused_adam(optimizer) -> bool:
         for g in inner.param_groups:
             gpu = bool(g["params"]) and all(_fusable(p) for p in g["params"])
             want = on and gpu
-            if want and not g.get("fused"):
-                for p in g["params"]:   # fused keeps its step counts on the device
+            if want and _steps_elsewhere(inner, g):
+                for p in g["params"]:   # fused keeps its fp32 step counts on the device
                     st = inner.state.get(p)
-                    if st and "step" in st and st["step"].device != p.device:
+                    if st and "step" in st:
                         st["step"] = st["step"].to(p.device, torch.float32)
             g["fused"], g["foreach"] = (True, False) if want else (None, None)
             fused |= bool(g["fused"])
