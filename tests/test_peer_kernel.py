@@ -357,3 +357,29 @@ def test_opcheck_cuda():
     opcheck(torch.ops.megapeer.gather_dot.default, (x.requires_grad_(), idx, U.requires_grad_(), 2, 1, 256))
     opcheck(torch.ops.megapeer.gather_axpy.default, (w.requires_grad_(), idx, V.requires_grad_(), 2))
     opcheck(torch.ops.megapeer.expert_scatter.default, (w.detach(), idx, x.detach(), V.detach(), V.shape[0], 2, 0, 256))
+
+
+def test_training_log_names_the_kernel_auto_picks(monkeypatch, caplog):
+    """On a GPU with wide experts and many pairs each, the trainer's summary names the
+    grouped Triton kernels (what 'auto' runs), not the fused ones."""
+    import logging
+
+    from megapeer.config import load_config
+    from megapeer.ops import peer_grouped
+    from megapeer.training import loop
+    wide = load_config(overrides=["model.peer.num_experts=[8,8]", "model.peer.expert_hidden=16",
+                                  "training.micro_batch_size=2", "model.seq_length=128"],
+                       world_size=1)
+    narrow = load_config(overrides=["model.peer.num_experts=[8,8]"], world_size=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(peer_grouped, "available", lambda: (True, "test"))
+    import megapeer.ops
+    monkeypatch.setattr(megapeer.ops, "kernel_status", lambda: (True, "test"))
+    with caplog.at_level(logging.INFO, logger=loop.log.name):
+        loop._log_model_summary(wide, None)
+    pairs = 2 * 128 * wide.model.peer.heads * wide.model.peer.topk // 64
+    assert f"grouped Triton kernels (experts of width 16, ~{pairs} pairs" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=loop.log.name):
+        loop._log_model_summary(narrow, None)
+    assert "PEER expert kernel: fused CUDA" in caplog.text

@@ -306,4 +306,12 @@ def _log_model_summary(cfg, chunks):
         what = "reference (forced)"
     else:
         what = "fused CUDA" if ok else f"reference ({why})"
+        if torch.cuda.is_available():   # auto: the shapes may pick the grouped kernels
+            from ..ops import peer_grouped
+            from ..ops.dispatch import prefers_grouped
+            n_exp, w = math.prod(m.peer.num_experts), m.peer.expert_hidden
+            pairs = cfg.training.micro_batch_size * m.seq_length * m.peer.heads * m.peer.topk
+            if prefers_grouped(pairs, n_exp * w, w) and peer_grouped.available()[0]:
+                what = (f"grouped Triton kernels (experts of width {w}, ~{pairs / n_exp:.0f} "
+                        f"pairs each per micro-batch)")
     log.info("PEER expert kernel: %s (model.peer.kernel=%s)", what, m.peer.kernel)
