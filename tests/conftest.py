@@ -37,3 +37,29 @@ def write_indexed(prefix, docs):
         b.add_document(np.array(d), [len(d)])
     b.finalize(prefix + ".idx")
     return prefix
+
+
+def assert_trains_like_reference(tmp_path, kernel, env=None, steps=4, timeout=900):
+    """bench/kernel_parity.py on the tiny MLA+PEER (experts of width 16, fp32, CPU): the
+    given model.peer.kernel against the reference path, per-step losses within 1e-6
+    relative and gradient norms (which include the table gradients) within 1e-5."""
+    import json
+
+    from megapeer.data import prepare_demo_data
+    demo = prepare_demo_data(str(tmp_path / "demo"), vocab_size=4096, max_mb=1.0, quiet=True)
+    out = tmp_path / "parity.json"
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    e.update(env or {})
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_parity.py"),
+                        "--data", os.path.dirname(demo["prefix"]), "--size", "tiny",
+                        "--kernels", f"reference,{kernel}", "--steps", str(steps),
+                        "--out", str(tmp_path / "runs"), "--json", str(out)],
+                       capture_output=True, text=True, env=e, cwd=ROOT, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    res = json.load(open(out))["results"]
+    for key, tol in (("loss", 1e-6), ("grad_norm", 1e-5)):
+        ref, got = res["reference"][key], res[kernel][key]
+        assert sorted(ref) == [str(s) for s in range(1, steps + 1)] and sorted(got) == sorted(ref)
+        for s in ref:
+            assert abs(got[s] - ref[s]) <= tol * abs(ref[s]), (key, s, got[s], ref[s])
+

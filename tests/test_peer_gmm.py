@@ -9,16 +9,12 @@ expert in every slot, x a column slice (the tensor-parallel split), clamped indi
 expert-parallel split). Repeats are bitwise equal (no atomics); torch.compile gives the
 eager values; a tiny training run gives the reference path's losses.
 """
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import assert_trains_like_reference
 from megapeer.ops import dispatch, peer_gmm, peer_ref
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -141,22 +137,7 @@ def test_gmm_trains_like_reference(tmp_path):
     the reference path's per-step losses (1e-6 relative) and gradient norms (1e-5)."""
     if torch.cuda.is_available():
         pytest.skip("on a GPU: bench/kernel_parity.py compares the paths in bf16")
-    from megapeer.data import prepare_demo_data
-    demo = prepare_demo_data(str(tmp_path / "demo"), vocab_size=4096, max_mb=1.0, quiet=True)
-    out = tmp_path / "parity.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_parity.py"),
-                        "--data", os.path.dirname(demo["prefix"]), "--size", "tiny",
-                        "--kernels", "reference,gmm", "--steps", "4",
-                        "--out", str(tmp_path / "runs"), "--json", str(out)],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    res = json.load(open(out))["results"]
-    for key, tol in (("loss", 1e-6), ("grad_norm", 1e-5)):
-        ref, got = res["reference"][key], res["gmm"][key]
-        assert sorted(ref) == ["1", "2", "3", "4"] and sorted(got) == sorted(ref)
-        for s in ref:
-            assert abs(got[s] - ref[s]) <= tol * abs(ref[s]), (key, s, got[s], ref[s])
+    assert_trains_like_reference(tmp_path, "gmm", timeout=600)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only")

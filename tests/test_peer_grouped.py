@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, assert_trains_like_reference
 
 triton = pytest.importorskip("triton", reason="the grouped PEER kernels need Triton")
 
@@ -71,19 +71,4 @@ def test_grouped_kernels_train_like_reference(tmp_path):
     import torch
     if torch.cuda.is_available():
         pytest.skip("on a GPU: bench/kernel_parity.py compares fused and grouped in bf16")
-    from megapeer.data import prepare_demo_data
-    demo = prepare_demo_data(str(tmp_path / "demo"), vocab_size=4096, max_mb=1.0, quiet=True)
-    out = tmp_path / "parity.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_parity.py"),
-                        "--data", os.path.dirname(demo["prefix"]), "--size", "tiny",
-                        "--kernels", "reference,grouped", "--steps", "4",
-                        "--out", str(tmp_path / "runs"), "--json", str(out)],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    res = json.load(open(out))["results"]
-    for key, tol in (("loss", 1e-6), ("grad_norm", 1e-5)):
-        ref, grp = res["reference"][key], res["grouped"][key]
-        assert sorted(ref) == ["1", "2", "3", "4"] and sorted(grp) == sorted(ref)
-        for s in ref:
-            assert abs(grp[s] - ref[s]) <= tol * abs(ref[s]), (key, s, grp[s], ref[s])
+    assert_trains_like_reference(tmp_path, "grouped", env={"TRITON_INTERPRET": "1"})

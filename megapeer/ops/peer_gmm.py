@@ -22,8 +22,6 @@ Select it with model.peer.kernel=gmm. Tests: tests/test_peer_gmm.py.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import Tensor
 
@@ -43,21 +41,7 @@ def _layout_of(idx: Tensor, n_exp: int):
     return tok, order, inv, offs
 
 
-_last = None   # (weakref to idx, its version, n_exp, layout) of the latest eager call
-
-
-def _layout(idx: Tensor, n_exp: int):
-    """One layout per PEER layer in eager mode (the dot and axpy share idx); under
-    torch.compile the graph's common-subexpression pass does the same."""
-    global _last
-    if torch.compiler.is_compiling():
-        return _layout_of(idx, n_exp)
-    c = _last
-    if c is not None and c[0]() is idx and c[1] == idx._version and c[2] == n_exp:
-        return c[3]
-    lay = _layout_of(idx, n_exp)
-    _last = (weakref.ref(idx), idx._version, n_exp, lay)
-    return lay
+_layout = peer_ref.LayoutCache(_layout_of)
 
 
 def _spread(x: Tensor, tok: Tensor) -> Tensor:

@@ -32,8 +32,6 @@ interpreter on CPU; bf16 on a GPU). Timings: docs/benchmarks.md ("Grouped Triton
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import Tensor
 
@@ -94,21 +92,11 @@ def _n_blocks(P: int, n_exp: int) -> int:
     return (P + BM - 1) // BM + n_exp    # upper bound: each expert's last block may be short
 
 
-_last = None   # (weakref to idx, its version, n_exp, layout) of the latest eager call
+def _layout_of(idx: Tensor, n_exp: int) -> tuple:
+    return tuple(torch.ops.megapeer.grouped_layout(idx, n_exp))
 
 
-def _layout(idx: Tensor, n_exp: int) -> tuple:
-    """The layout of idx; in eager mode the forward dot and axpy of one PEER layer (the same
-    idx tensor) share one, and the backward ops reuse the forward's (saved by autograd)."""
-    global _last
-    if torch.compiler.is_compiling():
-        return torch.ops.megapeer.grouped_layout(idx, n_exp)
-    c = _last
-    if c is not None and c[0]() is idx and c[1] == idx._version and c[2] == n_exp:
-        return c[3]
-    lay = tuple(torch.ops.megapeer.grouped_layout(idx, n_exp))
-    _last = (weakref.ref(idx), idx._version, n_exp, lay)
-    return lay
+_layout = peer_ref.LayoutCache(_layout_of)   # one sort per layer step (eager and compiled)
 
 
 def _mb(m: int) -> int:

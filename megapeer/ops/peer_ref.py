@@ -10,8 +10,11 @@ tensor-parallel all-reduce of the partial dot products fits between them:
 Shapes: x [T, d]; idx [T, h, k] int64 in [0, N); U, V [N*m, d] (m = expert hidden
 size, 1 for single-neuron experts); s and w [T, h, k, m]; out [T, d].
 Autograd flows to x, U, w and V. The fused CUDA kernels (ops/peer_cuda.py) compute
-the same two functions; this file is their reference.
+the same two functions; this file is their reference. LayoutCache (below) serves the two
+grouped paths (peer_grouped.py, peer_gmm.py), which sort the pairs by expert.
 """
+import weakref
+
 import torch
 
 
@@ -43,3 +46,25 @@ def expert_step(dot, axpy, x, idx, gates, U, V, act, m: int = 1):
 def peer_experts(x, idx, gates, U, V, act, m: int = 1):
     """Single-process expert step on the reference ops."""
     return expert_step(gather_dot, gather_axpy, x, idx, gates, U, V, act, m)
+
+
+class LayoutCache:
+    """compute(idx, n_exp) -> a layout (the pairs sorted by expert), kept for the latest
+    eager call: a PEER layer's forward dot and axpy get the same idx tensor and share one
+    sort (the backward ops reuse what autograd saved). Under torch.compile it computes
+    afresh and the graph's common-subexpression pass does the sharing."""
+
+    def __init__(self, compute):
+        self.compute = compute
+        self.last = None   # (weakref to idx, its version, n_exp, layout)
+
+    def __call__(self, idx: torch.Tensor, n_exp: int):
+        if torch.compiler.is_compiling():
+            return self.compute(idx, n_exp)
+        c = self.last
+        if c is not None and c[0]() is idx and c[1] == idx._version and c[2] == n_exp:
+            return c[3]
+        lay = self.compute(idx, n_exp)
+        self.last = (weakref.ref(idx), idx._version, n_exp, lay)
+        return lay
+
