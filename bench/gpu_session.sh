@@ -89,7 +89,7 @@ has gmm && timeout 200 python3 bench/peer_kernel.py --sizes ${KSIZES:-wider,m128
 has gmmdet && timeout 200 python3 bench/peer_kernel.py --sizes ${KSIZES:-wider,m128,m64_512,m32_512} \
   --paths grouped,gmm --no-variants --no-breakdown --deterministic --json "$OUT/gmm_det.json" 2>&1 | tail -8
 has gmm1bc && TAIL=12 tput gmm1bc 550 --size 1b --compile --set model.peer.kernel=gmm \
-  --variants ${C1B_VARIANTS:-mla_dense,mla_peer_wider,mla_peer_wide}
+  --variants ${C1B_VARIANTS:-mla_dense,mla_peer_wider}   # mla_peer_wide: 1024 experts, > gmm's 1023
 has mbs2adam && tput mbs2adam 420 --size 1b --compile --variants mla_dense,mla_peer_wider \
   --set training.micro_batch_size=2 training.global_batch_size=8 training.fused_adam=false
 has adamoff && TAIL=12 tput adamoff 450 --size 1b --compile --set training.fused_adam=false \

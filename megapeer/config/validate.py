@@ -88,6 +88,11 @@ def validate_config(cfg: Config, world_size: int, source: str = "<config>") -> N
                   f"parallel.expert = {p.expert}")
         if pe.heads < 1 or pe.expert_hidden < 1:
             _fail(source, "model.peer", "heads and expert_hidden must be positive")
+        d_local = m.hidden_size // p.tensor
+        if pe.kernel == "gmm" and (pe.expert_hidden % 8 or d_local % 8):
+            _fail(source, "model.peer.expert_hidden", f"= {pe.expert_hidden} and the table width "
+                  f"{d_local} (hidden_size / parallel.tensor) must be multiples of 8 for "
+                  "model.peer.kernel=gmm (16-byte rows for torch._grouped_mm)")
         if pe.query_norm == "batchnorm" and p.expert > 1:
             pass  # allowed; statistics are per rank (documented)
     elif p.expert > 1:
