@@ -20,7 +20,7 @@ gather_axpy -> grad_V = scatter(w, grad_out), grad_w = dot(grad_out, V).
 The axpy sums with atomics, so its result is not bitwise repeatable; the others are. In
 deterministic mode (peer_cuda.set_deterministic or torch.use_deterministic_algorithms) the
 axpy writes one row per pair instead and torch sums them per token: repeatable, at the
-cost of a [pairs, DET_COLS] fp32 buffer (not yet timed on a GPU in this form).
+cost of a [pairs, DET_COLS] fp32 buffer and 17-47% more time per layer (H200, docs/kernels.md).
 m is padded to 16 inside the kernels (tensor-core tiles) and cut into chunks of MC columns;
 fp32 inputs use IEEE fp32 dots.
 
