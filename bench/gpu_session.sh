@@ -17,6 +17,8 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv
 [[ -n ${SKIP_BUILD:-} ]] || python3 -c "import megapeer._C" 2>/dev/null || bash bench/peer_gpu_check.sh build 2>&1 | tail -3
 python3 -m megapeer.cli info | grep -i peer
+# PREP_DEMO=1: the demo corpus once, before parallel jobs that both need it
+[[ -n ${PREP_DEMO:-} && ! -f /tmp/demo/tokenizer.model ]] && python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null
 if [[ -n ${PARALLEL:-} ]]; then
   for job in $PARALLEL; do
     gpu=${job%%:*}
@@ -94,10 +96,22 @@ has mbs2adam && tput mbs2adam 420 --size 1b --compile --variants mla_dense,mla_p
   --set training.micro_batch_size=2 training.global_batch_size=8 training.fused_adam=false
 has adamoff && TAIL=12 tput adamoff 450 --size 1b --compile --set training.fused_adam=false \
   --variants ${C1B_VARIANTS:-mla_dense,mla_peer_wider}
+# gradient-accumulation fusion of the PEER tables (model.peer.grad_accum_fusion): GPU checks,
+# kernel timings with and without it, and 1B (micro-batch 2) / 100M training steps on / off
+has accum && timeout 240 python3 -m pytest -q -x tests/test_grad_accum.py tests/test_peer_kernel.py \
+  tests/test_peer_grouped.py 2>&1 | tail -4
+has accum && timeout 200 python3 bench/peer_kernel.py --sizes ${KSIZES:-small,large,wider} --accumulate \
+  --no-variants --no-breakdown --json "$OUT/accum_kernel.json" 2>&1 | tail -12
+has acc1bc && tput acc1bc 300 --size 1b --compile --variants mla_dense,mla_peer_wider \
+  --set training.micro_batch_size=2 training.global_batch_size=8
+has acc1bc && tput acc1bc_off 200 --size 1b --compile --variants mla_peer_wider \
+  --set training.micro_batch_size=2 training.global_batch_size=8 model.peer.grad_accum_fusion=false
+has acc100m && tput acc100m 150 --size 100m --variants mla_dense,mla_peer
+has acc100m && tput acc100m_off 100 --size 100m --variants mla_peer --set model.peer.grad_accum_fusion=false
 # fused vs grouped PEER kernels in real training (~100M, experts of width 16): losses, tok/s
 if has parity; then
   [[ -f /tmp/demo/tokenizer.model ]] || python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null
-  timeout 450 python3 bench/kernel_parity.py --data /tmp/demo --steps 20 --json "$OUT/parity.json" \
+  timeout ${PARITY_LIMIT:-450} python3 bench/kernel_parity.py --data /tmp/demo --steps 20 --json "$OUT/parity.json" \
     ${PARITY_ARGS:-} 2>&1 | grep -v -i warn | tail -8
 fi
 has ktest && timeout 200 python3 -m pytest -q -x tests/test_peer_kernel.py 2>&1 | tail -4
@@ -105,6 +119,21 @@ if has resume; then
   python3 -m megapeer.data.demo --out /tmp/demo --max-mb 2 >/dev/null
   timeout 240 python3 bench/resume_check.py --data /tmp/demo --steps 8 \
     training.use_distributed_optimizer=true 2>&1 | grep -v -i warn | tee "$OUT/resume.txt" | tail -8
+fi
+if has tpc; then  # compile under TP2 on GPUs (the layout model): per-step log, recompiles
+  [[ -f /tmp/demo/tokenizer.model ]] || python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null
+  MODEL=$(python3 -c "from bench.train_throughput import GPU_100M as a, GPU_100M_PEER as b; print(*a, *b)")
+  MEGAPEER_ALLOW_TP_COMPILE=1 TORCH_LOGS=recompiles,graph_breaks timeout ${TPC_LIMIT:-240} python3 -m torch.distributed.run --standalone \
+    --nproc_per_node=2 -m megapeer.train --config examples/tiny_cpu.yaml $MODEL \
+    model.peer.num_experts=[128,128] model.vocab_size=4096 data.tokenizer.path=/tmp/demo/tokenizer.model \
+    data.blend=[/tmp/demo/stdlib_text_document] training.train_iters=${TPC_STEPS:-6} training.warmup_iters=2 \
+    training.eval_interval=0 logging.log_interval=1 logging.expert_usage_interval=0 logging.run_dir=/tmp/tpc \
+    checkpoint.save=false checkpoint.resume=none parallel.tensor=2 training.compile=true ${TPC_ARGS:-} \
+    > "$OUT/tpc.log" 2>&1
+  echo "tpc exit $?: $(grep -c Recompiling "$OUT/tpc.log") recompiles, $(grep -ci 'graph break' "$OUT/tpc.log") graph-break lines"
+  grep -i "step \|tokens/s" "$OUT/tpc.log" | tail -8
+  grep -B14 -m1 "Error:" "$OUT/tpc.log" | grep -v "__graph_breaks" | cut -c1-220
+  cp /tmp/tpc/metrics.jsonl "$OUT/tpc_metrics.jsonl" 2>/dev/null
 fi
 if has eplabel; then  # one EP2 layout: PEER's labelled collectives in the profile
   python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null
@@ -114,7 +143,7 @@ if has eplabel; then  # one EP2 layout: PEER's labelled collectives in the profi
 fi
 if has layouts; then
   [[ -f /tmp/demo/tokenizer.model ]] || python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null
-  timeout 580 python3 bench/layout_scaling.py --data /tmp/demo --gpus "${GPUS:-4}" --steps 12 \
+  timeout ${LAYOUT_LIMIT:-580} python3 bench/layout_scaling.py --data /tmp/demo --gpus "${GPUS:-4}" --steps 12 \
     --json "$OUT/layouts.json" ${LAYOUT_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/layouts.txt" | tail -30
   for d in /tmp/layouts/*/; do
     [[ -f $d/profile/summary_rank0.txt ]] && cp "$d/profile/summary_rank0.txt" "$OUT/layout_$(basename "$d").txt"

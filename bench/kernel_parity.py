@@ -5,6 +5,8 @@ first path, and tokens/s of each.
   python bench/kernel_parity.py --data DIR [--kernels fused,grouped] [--steps 20] [k=v ...]
 
 A kernel named twice (grouped,grouped#2) is run twice: how far one path drifts from itself.
+A name ending in +nofuse runs that kernel with model.peer.grad_accum_fusion=false (the table
+gradients added to Megatron's main_grad by its hook, not by the PEER ops).
 
 Default model (GPU): the ~100M MLA+PEER of bench/train_throughput.py with experts of
 width 16 (64^2 per PEER layer, h=16, k=32: hundreds of tokens per expert, the regime of
@@ -30,17 +32,21 @@ SIZES = {"100m": GPU_100M + WIDE_PEER + ["training.global_batch_size=16",
 
 
 def run(name, a):
-    """name: a model.peer.kernel value, or value#n for a repeat of it."""
+    """name: a model.peer.kernel value, value#n for a repeat of it, value+nofuse without
+    gradient-accumulation fusion."""
     kernel = name.split("#")[0]
-    run_dir = os.path.join(a.out, name.replace("#", "_"))
+    fuse = not kernel.endswith("+nofuse")
+    kernel = kernel.removesuffix("+nofuse")
+    run_dir = os.path.join(a.out, name.replace("#", "_").replace("+", "_"))
     p = train(run_dir, a.data, a.steps, [
         *SIZES[a.size], "checkpoint.save=false", "checkpoint.resume=none",
-        f"model.peer.kernel={kernel}", *a.overrides], timeout=a.timeout)
+        f"model.peer.kernel={kernel}", f"model.peer.grad_accum_fusion={str(fuse).lower()}",
+        *a.overrides], timeout=a.timeout)
     if p.returncode:
         print(f"{kernel}: FAILED ({p.returncode})\n{p.stderr[-2000:]}", flush=True)
         return None
     recs = train_records(run_dir)
-    tps = sorted(r["tokens_per_s"] for r in recs[3:])
+    tps = sorted(r["tokens_per_s"] for r in (recs[3:] or recs))   # after warm-up steps
     return {"loss": {r["step"]: r["loss"] for r in recs},
             "grad_norm": {r["step"]: r["grad_norm"] for r in recs},
             "tokens_per_s": tps[len(tps) // 2]}

@@ -162,6 +162,37 @@ def measure_step(p, mod, warmup, reps):
             "transient_gib": (peak - base - p.table_bytes()) / GiB if peak else 0.0}
 
 
+def measure_accum(p, mod, warmup, reps):
+    """A training micro-batch's PEER work: fwd+bwd, then the table gradients into fp32
+    main grads. Unfused: bf16 table gradients, then Megatron's add into main_grad. Fused:
+    the backward kernels add into main_grad themselves (ops/grad_accum.py), no table grads."""
+    acc = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (p.U, p.V)]
+
+    def unfused():
+        p.step(mod)
+        acc[0].add_(p.U.grad)
+        acc[1].add_(p.V.grad)
+
+    def fused():
+        peer_ref.expert_step(lambda x, i, U, m: mod.gather_dot(x, i, U, m, acc=acc[0]),
+                             lambda w, i, V, m: mod.gather_axpy(w, i, V, m, acc=acc[1]),
+                             p.x, p.idx, p.scores.softmax(-1), p.U, p.V, F.gelu, p.m).backward(p.go)
+
+    out = {}
+    for name, fn in (("unfused", unfused), ("fused", fused)):
+        out[f"{name}_ms"] = timeit(fn, warmup, reps, setup=p.clear)[0]
+        if torch.cuda.is_available():
+            p.clear()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            out[f"{name}_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / GiB
+    p.clear()
+    return out
+
+
 def breakdown(p, warmup, reps, copy_bw):
     """Each fused op alone (bf16), with its own floor."""
     ext = peer_cuda._ext()
@@ -224,6 +255,9 @@ def main():
                     help="extra paths to time, comma-separated: grouped (Triton), gmm (torch._grouped_mm)")
     ap.add_argument("--deterministic", action="store_true",
                     help="the kernels' deterministic forms (peer_cuda.set_deterministic)")
+    ap.add_argument("--accumulate", action="store_true",
+                    help="also time fwd+bwd with the table gradients added to fp32 main grads, "
+                         "unfused (Megatron's add) and fused into the backward kernels")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     peer_cuda.set_deterministic(args.deterministic)
@@ -282,6 +316,11 @@ def main():
                 st.dot, st.scatter = saved
             if not args.no_breakdown and p.m == 1:
                 res["breakdown"] = breakdown(p, args.warmup, args.reps, copy_bw)
+        if args.accumulate:
+            res["accumulate"] = {}
+            for name, ok, mod in (("grouped", grouped_ok, peer_grouped), ("fused", fused_ok, peer_cuda)):
+                if ok:
+                    res["accumulate"][name] = measure_accum(p, mod, args.warmup, args.reps)
         results["sizes"][size] = res
         del p
         if cuda:
@@ -313,6 +352,11 @@ def main():
         xf = r["fwdbwd_ms"] / (fb / copy_bw * 1e3)
         print(f"{size:6s} {name:22s} {r['fwd_ms']:8.3f} {r['fwdbwd_ms']:10.3f} {T / r['fwdbwd_ms'] / 1e3:7.2f} "
               f"{gbs:6.0f} {xf:7.2f} {r['peak_gib']:8.2f} {r['transient_gib']:9.2f}")
+    for size, res in results["sizes"].items():
+        for name, r in res.get("accumulate", {}).items():
+            print(f"{size}: {name} fwd+bwd + fp32 main-grad accumulation: unfused {r['unfused_ms']:.3f} ms, "
+                  f"fused {r['fused_ms']:.3f} ms ({r['unfused_ms'] / r['fused_ms']:.2f}x); extra memory "
+                  f"{r.get('unfused_extra_gib', 0):.2f} vs {r.get('fused_extra_gib', 0):.2f} GiB")
     for size, res in results["sizes"].items():
         if "fused" in res and "reference" in res:
             ref, fu = res["reference"], res["fused"]

@@ -39,10 +39,11 @@ def write_indexed(prefix, docs):
     return prefix
 
 
-def assert_trains_like_reference(tmp_path, kernel, env=None, steps=4, timeout=900):
+def assert_trains_like_reference(tmp_path, kernel, env=None, steps=4, timeout=900,
+                                 base="reference"):
     """bench/kernel_parity.py on the tiny MLA+PEER (experts of width 16, fp32, CPU): the
-    given model.peer.kernel against the reference path, per-step losses within 1e-6
-    relative and gradient norms (which include the table gradients) within 1e-5."""
+    given model.peer.kernel against `base` (the reference path), per-step losses within
+    1e-6 relative and gradient norms (which include the table gradients) within 1e-5."""
     import json
 
     from megapeer.data import prepare_demo_data
@@ -52,13 +53,13 @@ def assert_trains_like_reference(tmp_path, kernel, env=None, steps=4, timeout=90
     e.update(env or {})
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_parity.py"),
                         "--data", os.path.dirname(demo["prefix"]), "--size", "tiny",
-                        "--kernels", f"reference,{kernel}", "--steps", str(steps),
+                        "--kernels", f"{base},{kernel}", "--steps", str(steps),
                         "--out", str(tmp_path / "runs"), "--json", str(out)],
                        capture_output=True, text=True, env=e, cwd=ROOT, timeout=timeout)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     res = json.load(open(out))["results"]
     for key, tol in (("loss", 1e-6), ("grad_norm", 1e-5)):
-        ref, got = res["reference"][key], res[kernel][key]
+        ref, got = res[base][key], res[kernel][key]
         assert sorted(ref) == [str(s) for s in range(1, steps + 1)] and sorted(got) == sorted(ref)
         for s in ref:
             assert abs(got[s] - ref[s]) <= tol * abs(ref[s]), (key, s, got[s], ref[s])

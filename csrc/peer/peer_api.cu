@@ -35,13 +35,13 @@ cudaError_t axpy_token(DType dt, bool vec, Geom g, const void* wt, const int64_t
 }
 
 cudaError_t scatter_sorted(DType dt, bool vec, Geom g, const Sorted& so, const void* coef, const void* src,
-                           int64_t lds, const void* tab, int64_t ldt, void* grad, void* dot, float* partial,
-                           float* scratch, cudaStream_t st) {
+                           int64_t lds, const void* tab, int64_t ldt, void* grad, float* grad_acc, void* dot,
+                           float* partial, float* scratch, cudaStream_t st) {
   if (dt == kBF16)
     return scatter_sorted_t<bf16>(vec, g, so, c<bf16>(coef), c<bf16>(src), lds, c<bf16>(tab), ldt, w<bf16>(grad),
-                                  w<bf16>(dot), partial, scratch, st);
+                                  grad_acc, w<bf16>(dot), partial, scratch, st);
   return scatter_sorted_t<float>(vec, g, so, c<float>(coef), c<float>(src), lds, c<float>(tab), ldt, w<float>(grad),
-                                 w<float>(dot), partial, scratch, st);
+                                 grad_acc, w<float>(dot), partial, scratch, st);
 }
 
 cudaError_t scatter_atomic(DType dt, bool vec, Geom g, const int64_t* idx, const void* coef, const void* src,

@@ -95,10 +95,12 @@ cudaError_t axpy_token(DType dt, bool vec, Geom g, const void* w, const int64_t*
 // grad[r] = sum over pairs p, j with row(p, j) = r of coef[p, j] * src[t(p)], every row
 // written once (zeros for unused rows), no atomics; fixed summation order.
 // With tab != nullptr, also dot[p, j] = tab[row(p, j)] . src[t(p)] in the same pass.
+// With grad_acc != nullptr (fp32 [n_exp*m, d]) the rows are added there instead
+// (gradient-accumulation fusion; grad unused, unused rows untouched).
 // scratch: [max_heavy_slots * m, d] fp32 (heavy experts only; null if max_heavy == 0).
 cudaError_t scatter_sorted(DType dt, bool vec, Geom g, const Sorted& so, const void* coef,
                            const void* src, int64_t lds, const void* tab, int64_t ldt,
-                           void* grad, void* dot, float* partial, float* scratch,
+                           void* grad, float* grad_acc, void* dot, float* partial, float* scratch,
                            cudaStream_t stream);
 
 // The same with atomics (token-major, nondeterministic order) into a zeroed

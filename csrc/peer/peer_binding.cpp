@@ -192,13 +192,23 @@ at::Tensor gather_axpy(const at::Tensor& w_, const at::Tensor& idx_, const at::T
   return out;
 }
 
-// (grad, dot) = expert_scatter(coef, idx, src, tab, n_rows, m):
+// (grad, dot) = expert_scatter(coef, idx, src, tab, n_rows, m, algo, chunk, acc):
 //   grad[r] = sum_{(p, j): idx[p]*m + j = r} coef[p, j] * src[t(p)]   ([n_rows, d])
 //   dot[p, j] = tab[idx[p]*m + j] . src[t(p)]                         (empty without tab)
+// With acc (fp32 [n_rows, d], contiguous) grad is added to acc in fp32 instead and
+// the returned grad is empty (gradient-accumulation fusion).
 std::tuple<at::Tensor, at::Tensor> expert_scatter(const at::Tensor& coef_, const at::Tensor& idx_,
                                                   const at::Tensor& src_, const c10::optional<at::Tensor>& tab_,
-                                                  int64_t n_rows, int64_t m, int64_t algo, int64_t chunk) {
+                                                  int64_t n_rows, int64_t m, int64_t algo, int64_t chunk,
+                                                  const c10::optional<at::Tensor>& acc_) {
   at::Tensor src = rows2d(src_, "src");
+  at::Tensor acc;
+  if (acc_.has_value() && acc_->defined()) {
+    acc = *acc_;
+    TORCH_CHECK(acc.is_cuda() && acc.scalar_type() == at::kFloat && acc.is_contiguous() && acc.dim() == 2 &&
+                    acc.size(0) == n_rows && acc.size(1) == src.size(1),
+                "megapeer._C expert_scatter: acc must be a contiguous CUDA fp32 [n_rows, d] tensor");
+  }
   at::Tensor tab;
   if (tab_.has_value() && tab_->defined()) {
     tab = rows2d(*tab_, "tab");
@@ -211,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> expert_scatter(const at::Tensor& coef_, const
   Problem pr = make_problem(idx_, src.size(0), n_rows, m, src.size(1));
   TORCH_CHECK(coef_.sizes().vec() == with_m(pr.pair_shape, m), "megapeer._C expert_scatter: coef shape");
   at::Tensor coef = coef_.contiguous();
-  const bool vec = vec_ok(src, pr.g.d, {&src, &tab});
+  const bool vec = vec_ok(src, pr.g.d, {&src, &tab, &acc});
   const int64_t pm = pr.g.T * pr.g.hk * m;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor dot = tab.defined() ? at::zeros(with_m(pr.pair_shape, m), src.options()) : at::empty({0}, src.options());
@@ -221,22 +231,26 @@ std::tuple<at::Tensor, at::Tensor> expert_scatter(const at::Tensor& coef_, const
   const int64_t ldt = tab.defined() ? tab.stride(0) : 0;
   if (algo == kScatterAtomic || algo == kScatterAtomicNative) {
     // fp32 accumulation (then one rounding) unless the table dtype's own atomics were asked for
-    const bool f32 = algo == kScatterAtomic || dt == mp::kF32;
-    at::Tensor grad = at::zeros({n_rows, pr.g.d}, src.options().dtype(f32 ? at::kFloat : src.scalar_type()));
+    // (with acc: fp32 atomics straight into it)
+    const bool f32 = algo == kScatterAtomic || dt == mp::kF32 || acc.defined();
+    at::Tensor grad = acc.defined() ? acc
+                                    : at::zeros({n_rows, pr.g.d}, src.options().dtype(f32 ? at::kFloat : src.scalar_type()));
     check_cuda(mp::scatter_atomic(dt, vec, pr.g, pr.idx.data_ptr<int64_t>(), coef.data_ptr(), src.data_ptr(),
                                   src.stride(0), tptr, ldt, grad.data_ptr(), f32,
                                   tab.defined() ? dot.data_ptr() : nullptr, fptr(partial), stream),
                "scatter_atomic");
+    if (acc.defined()) return {at::empty({0}, src.options()), dot};
     return {grad.scalar_type() == src.scalar_type() ? grad : grad.to(src.scalar_type()), dot};
   }
   TORCH_CHECK(algo == kScatterSorted, "megapeer._C expert_scatter: unknown algo ", algo);
-  at::Tensor grad = at::empty({n_rows, pr.g.d}, src.options());
+  at::Tensor grad = at::empty({acc.defined() ? 0 : n_rows, pr.g.d}, src.options());
   SortHolder h = sort_pairs_impl(pr.idx, pr.g.T * pr.g.hk, pr.g.n_exp, chunk, /*full=*/true, stream);
   at::Tensor scratch;
   if (h.so.max_heavy > 0)
     scratch = at::empty({h.so.max_heavy_slots * m, pr.g.d}, src.options().dtype(at::kFloat));
   check_cuda(mp::scatter_sorted(dt, vec, pr.g, h.so, coef.data_ptr(), src.data_ptr(), src.stride(0), tptr, ldt,
-                                grad.data_ptr(), tab.defined() ? dot.data_ptr() : nullptr, fptr(partial),
+                                acc.defined() ? nullptr : grad.data_ptr(), fptr(acc),
+                                tab.defined() ? dot.data_ptr() : nullptr, fptr(partial),
                                 fptr(scratch), stream),
              "scatter_sorted");
   return {grad, dot};
@@ -279,7 +293,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gather_axpy", &gather_axpy, "out[t] = sum w[t, i, j] V[idx*m + j]", py::arg("w"), py::arg("idx"),
           py::arg("V"), py::arg("m"));
   mod.def("expert_scatter", &expert_scatter, "table gradient (and fused dot)", py::arg("coef"), py::arg("idx"),
-          py::arg("src"), py::arg("tab"), py::arg("n_rows"), py::arg("m"), py::arg("algo"), py::arg("chunk"));
+          py::arg("src"), py::arg("tab"), py::arg("n_rows"), py::arg("m"), py::arg("algo"), py::arg("chunk"),
+          py::arg("acc") = py::none());
   mod.def("sort_pairs", &sort_pairs, "pairs sorted by expert: (perm, offsets)", py::arg("idx"), py::arg("n_exp"),
           py::arg("chunk"));
   mod.def("binary_version", &binary_version, "(binaryVersion, error) of the loaded kernels on the current device");

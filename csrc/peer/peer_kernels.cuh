@@ -210,6 +210,7 @@ struct KArgs {
   const T* coef;                 // [P*m]: w or grad_s
   T* out;                        // dot outputs [P*m], or token outputs [T, d]
   T* grad;                       // table gradient [n_exp*m, d], ld = d
+  float* grad_acc;               // or, when set, fp32 rows that the gradient is added to (ld = d)
   float* partial;                // [slices, P*m] when slices > 1
   float* scratch;                // heavy-expert partial rows, ld = d
   Sorted so;
@@ -219,6 +220,25 @@ template <class T>
 CUTE_DEVICE void write_dot(const KArgs<T>& a, int64_t o, float v) {
   if (a.slices == 1) a.out[o] = T(v);
   else a.partial[int64_t(blockIdx.y) * a.pm + o] = v;
+}
+
+// The lane's share of table-gradient row `row`: stored (rounded once), or, with
+// grad_acc, added to the fp32 row there (gradient-accumulation fusion). Each row has
+// one writer, so the read-modify-write needs no atomics.
+template <class T, int VEC, int NV>
+CUTE_DEVICE void put_grad_row(const KArgs<T>& a, int64_t row, int v0, float (&acc)[NV][VEC]) {
+  if (a.grad_acc == nullptr) {
+    store_lane<VEC, NV>(a.grad + row * a.g.d, v0, a.nvec, acc);
+    return;
+  }
+  float* r = a.grad_acc + row * a.g.d;
+  float old[NV][VEC];
+  load_scratch<VEC, NV>(r, v0, a.nvec, old);
+  CUTE_UNROLL
+  for (int i = 0; i < NV; ++i)
+    CUTE_UNROLL
+    for (int v = 0; v < VEC; ++v) old[i][v] += acc[i][v];
+  store_lane<VEC, NV>(r, v0, a.nvec, old);
 }
 
 CUTE_DEVICE int64_t warp_item() { return int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); }
@@ -435,7 +455,7 @@ __global__ void __launch_bounds__(kThreads, 2) walk_kernel(KArgs<T> a) {
           if ((smask >> w) & 1u) {
             if constexpr (kAcc) {
               if (cur >= 0) {
-                store_lane<VEC, NV>(a.grad + (int64_t(cur) * m + j) * a.g.d, v0, a.nvec, acc);
+                put_grad_row(a, int64_t(cur) * m + j, v0, acc);
                 CUTE_UNROLL
                 for (int i = 0; i < NV; ++i)
                   CUTE_UNROLL
@@ -479,7 +499,7 @@ __global__ void __launch_bounds__(kThreads, 2) walk_kernel(KArgs<T> a) {
     }
   }
   if constexpr (kAcc) {
-    if (cur >= 0) store_lane<VEC, NV>(a.grad + (int64_t(cur) * m + j) * a.g.d, v0, a.nvec, acc);
+    if (cur >= 0) put_grad_row(a, int64_t(cur) * m + j, v0, acc);
   }
 }
 
@@ -584,7 +604,7 @@ __global__ void __launch_bounds__(kThreads, 2) finalize_heavy_kernel(KArgs<T> a)
       CUTE_UNROLL
       for (int v = 0; v < VEC; ++v) acc[i][v] += f[i][v];
   }
-  store_lane<VEC, NV>(a.grad + (int64_t(e) * m + j) * a.g.d, v0, a.nvec, acc);
+  put_grad_row(a, int64_t(e) * m + j, v0, acc);
 }
 
 // Table gradient with atomics: one warp per (token, slice) holds src[t] and adds
@@ -747,14 +767,16 @@ cudaError_t axpy_token_t(bool vec, Geom g, const T* w, const int64_t* idx, const
 
 template <class T>
 cudaError_t scatter_sorted_t(bool vec, Geom g, const Sorted& so, const T* coef, const T* src, int64_t lds,
-                             const T* tab, int64_t ldt, T* grad, T* dot, float* partial, float* scratch,
-                             cudaStream_t stream) {
+                             const T* tab, int64_t ldt, T* grad, float* grad_acc, T* dot, float* partial,
+                             float* scratch, cudaStream_t stream) {
   KArgs<T> a = base_args<T>(vec, g);
-  a.coef = coef; a.x = src; a.ldx = lds; a.tab = tab; a.ldt = ldt; a.grad = grad; a.out = dot;
+  a.coef = coef; a.x = src; a.ldx = lds; a.tab = tab; a.ldt = ldt; a.grad = grad; a.grad_acc = grad_acc;
+  a.out = dot;
   a.partial = partial; a.scratch = scratch; a.so = so;
   cudaError_t err = with_shape<T>(vec, g.d, [&](auto V, auto NV) {
     constexpr int kV = decltype(V)::value, kNV = decltype(NV)::value;
-    zero_rows_kernel<T, kV, kNV><<<grid_for((g.n_exp + 31) / 32, a.slices), kThreads, 0, stream>>>(a);
+    if (grad_acc == nullptr)  // accumulating: unused rows stay as they are
+      zero_rows_kernel<T, kV, kNV><<<grid_for((g.n_exp + 31) / 32, a.slices), kThreads, 0, stream>>>(a);
     if (a.pm > 0) {
       const dim3 grid = grid_for(walk_items(g, so), a.slices);
       if (tab == nullptr) walk_kernel<T, kV, kNV, 1, false><<<grid, kThreads, 0, stream>>>(a);
@@ -816,7 +838,7 @@ cudaError_t reduce_partials_t(const float* partial, int64_t slices, int64_t n, T
   template cudaError_t axpy_token_t<T>(bool, Geom, const T*, const int64_t*, const T*, int64_t, T*,         \
                                        cudaStream_t);                                                       \
   template cudaError_t scatter_sorted_t<T>(bool, Geom, const Sorted&, const T*, const T*, int64_t, const T*, \
-                                           int64_t, T*, T*, float*, float*, cudaStream_t);                  \
+                                           int64_t, T*, float*, T*, float*, float*, cudaStream_t);          \
   template cudaError_t scatter_atomic_t<T>(bool, Geom, const int64_t*, const T*, const T*, int64_t,         \
                                            const T*, int64_t, void*, bool, T*, float*, cudaStream_t);       \
   template cudaError_t reduce_partials_t<T>(const float*, int64_t, int64_t, T*, cudaStream_t);

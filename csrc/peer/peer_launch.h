@@ -19,7 +19,7 @@ cudaError_t axpy_token_t(bool vec, Geom g, const T* w, const int64_t* idx, const
                          int64_t ldt, T* out, cudaStream_t stream);
 template <class T>
 cudaError_t scatter_sorted_t(bool vec, Geom g, const Sorted& so, const T* coef, const T* src,
-                             int64_t lds, const T* tab, int64_t ldt, T* grad, T* dot,
+                             int64_t lds, const T* tab, int64_t ldt, T* grad, float* grad_acc, T* dot,
                              float* partial, float* scratch, cudaStream_t stream);
 template <class T>
 cudaError_t scatter_atomic_t(bool vec, Geom g, const int64_t* idx, const T* coef, const T* src,

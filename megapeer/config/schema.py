@@ -40,6 +40,9 @@ class PEERConfig:
     expert_hidden: int = 1                 # 1 = single-neuron experts
     init_std: Optional[float] = None       # table init std (default: model.init_method_std)
     kernel: Literal["auto", "reference", "fused", "grouped", "gmm"] = "auto"
+    # Add the tables' gradients to Megatron's fp32 main_grad inside the backward kernels
+    # (no bf16 table gradient, no separate add; ops/grad_accum.py).
+    grad_accum_fusion: bool = True
 
 
 @dataclass

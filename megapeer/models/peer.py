@@ -27,6 +27,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from ..ops import gather_axpy, gather_dot
+from ..ops.grad_accum import accumulator
 
 _ACTS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
@@ -79,6 +80,7 @@ class PEER(MegatronModule):
             p.partition_dim = 1
             p.partition_stride = 1
             p.peer_table = True                 # for weight-decay groups
+            p.peer_fused_accum = peer.grad_accum_fusion   # see ops/grad_accum.py
         self.reset_parameters()
         self._usage = None
 
@@ -140,6 +142,9 @@ class PEER(MegatronModule):
     def experts(self, x, idx, gates):
         """Sum of gate * act(u . x) * v over heads and selected experts; x [T, d]."""
         mode = self.peer.kernel
+        fuse = self.peer.grad_accum_fusion
+        acc_u = accumulator(self.U) if fuse else None    # main_grad under Megatron DDP
+        acc_v = accumulator(self.V) if fuse else None
         if self.ep_size > 1:
             group = ps.get_expert_model_parallel_group()
             x = _comm(mappings.gather_from_sequence_parallel_region, x, True, group=group)
@@ -154,14 +159,14 @@ class PEER(MegatronModule):
             tp = ps.get_tensor_model_parallel_group()
             lo = self.tp_rank * self.d_local
             xs = _comm(mappings.copy_to_tensor_model_parallel_region, x, group=tp)
-            s = gather_dot(xs[:, lo:lo + self.d_local], idx, self.U, self.m, mode)
+            s = gather_dot(xs[:, lo:lo + self.d_local], idx, self.U, self.m, mode, acc_u)
             s = _comm(mappings.reduce_from_tensor_model_parallel_region, s, group=tp)
         else:
-            s = gather_dot(x, idx, self.U, self.m, mode)
+            s = gather_dot(x, idx, self.U, self.m, mode, acc_u)
         w = self.act(s) * gates.unsqueeze(-1)
         if self.tp_size > 1:
             w = _comm(mappings.copy_to_tensor_model_parallel_region, w, group=tp)
-        out = gather_axpy(w, idx, self.V, self.m, mode)
+        out = gather_axpy(w, idx, self.V, self.m, mode, acc_v)
         if self.ep_size > 1:
             out = _comm(mappings.reduce_scatter_to_sequence_parallel_region, out, group=group)
         if self.tp_size > 1:

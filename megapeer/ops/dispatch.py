@@ -88,9 +88,24 @@ def _path(mode, idx, m, *tensors):
     return peer_ref
 
 
-def gather_dot(x, idx, U, m: int = 1, mode: str = "auto"):
-    return _path(mode, idx, m, x, U).gather_dot(x, idx, U, m)
+def _call(op, path, a, idx, tab, m, acc):
+    """acc (gradient-accumulation fusion, ops/grad_accum.py): the fused CUDA ops add the
+    table gradient to it natively; the reference routes it there (the same semantics, for
+    tests and the CPU); the grouped and gmm paths return plain table gradients (fusing
+    their all-rows scatters measured no faster: docs/kernels.md)."""
+    if acc is not None and getattr(path, "FUSED_ACCUMULATION", False):
+        return getattr(path, op)(a, idx, tab, m, acc=acc)
+    if acc is not None and path is peer_ref:
+        from .grad_accum import RouteGrad
+        tab = RouteGrad.apply(tab, acc)
+    return getattr(path, op)(a, idx, tab, m)
 
 
-def gather_axpy(w, idx, V, m: int = 1, mode: str = "auto"):
-    return _path(mode, idx, m, w, V).gather_axpy(w, idx, V, m)
+def gather_dot(x, idx, U, m: int = 1, mode: str = "auto", acc=None):
+    """acc: U's fp32 main_grad for gradient-accumulation fusion (ops/grad_accum.py)."""
+    return _call("gather_dot", _path(mode, idx, m, x, U), x, idx, U, m, acc)
+
+
+def gather_axpy(w, idx, V, m: int = 1, mode: str = "auto", acc=None):
+    """acc: V's fp32 main_grad for gradient-accumulation fusion (ops/grad_accum.py)."""
+    return _call("gather_axpy", _path(mode, idx, m, w, V), w, idx, V, m, acc)

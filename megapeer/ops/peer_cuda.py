@@ -158,7 +158,7 @@ def _pair_tokens(idx: Tensor) -> Tensor:
     return t.view(-1, *([1] * (idx.dim() - 1))).expand(idx.shape)
 
 
-def _scatter_ref(coef, idx, src, tab, n_rows, m):
+def _scatter_ref(coef, idx, src, tab, n_rows, m, into=None):
     acc = torch.promote_types(src.dtype, torch.float32)            # fp32 accumulation, fp64 kept
     rows = peer_ref._rows(idx, m)                                   # [T, ..., m]
     d = src.shape[1]
@@ -170,33 +170,41 @@ def _scatter_ref(coef, idx, src, tab, n_rows, m):
         dot = src.new_empty(0)
     else:
         dot = (tab.to(acc)[rows] * s32).sum(-1).to(src.dtype)
+    if into is not None:              # gradient-accumulation fusion: added in fp32, not rounded first
+        into.add_(grad.to(into.dtype))
+        return src.new_empty(0), dot
     return grad.to(src.dtype), dot
 
 
 # ---------------------------------------------------------------------------
 # Custom ops.
 
+# acc (optional, the forward ops): an fp32 tensor of the table's shape (Megatron's
+# main_grad) that the table gradient is added to in the backward, instead of being returned
+# (the table gets none: gradient-accumulation fusion, ops/grad_accum.py).
+
 @torch.library.custom_op("megapeer::gather_dot", mutates_args=())
-def _gather_dot_op(x: Tensor, idx: Tensor, U: Tensor, m: int, algo: int, chunk: int) -> Tensor:
+def _gather_dot_op(x: Tensor, idx: Tensor, U: Tensor, m: int, algo: int, chunk: int,
+                   acc: Optional[Tensor] = None) -> Tensor:
     if x.is_cuda:
         return _ext().gather_dot(x, idx, U, m, algo, chunk)
     return peer_ref.gather_dot(x, idx, U, m).clone()
 
 
 @_gather_dot_op.register_fake
-def _(x, idx, U, m, algo, chunk):
+def _(x, idx, U, m, algo, chunk, acc=None):
     return x.new_empty((*idx.shape, m))
 
 
 @torch.library.custom_op("megapeer::gather_axpy", mutates_args=())
-def _gather_axpy_op(w: Tensor, idx: Tensor, V: Tensor, m: int) -> Tensor:
+def _gather_axpy_op(w: Tensor, idx: Tensor, V: Tensor, m: int, acc: Optional[Tensor] = None) -> Tensor:
     if V.is_cuda:
         return _ext().gather_axpy(w, idx, V, m)
     return peer_ref.gather_axpy(w, idx, V, m).clone()
 
 
 @_gather_axpy_op.register_fake
-def _(w, idx, V, m):
+def _(w, idx, V, m, acc=None):
     return V.new_empty((idx.shape[0], V.shape[1]))
 
 
@@ -214,42 +222,62 @@ def _(coef, idx, src, tab, n_rows, m, algo, chunk):
     return src.new_empty((n_rows, src.shape[1])), dot
 
 
+@torch.library.custom_op("megapeer::expert_scatter_acc", mutates_args=("acc",))
+def _expert_scatter_acc_op(coef: Tensor, idx: Tensor, src: Tensor, tab: Optional[Tensor], acc: Tensor, m: int,
+                           algo: int, chunk: int) -> Tensor:
+    """expert_scatter with the table gradient added to acc (fp32); returns the dot."""
+    if src.is_cuda:
+        return _ext().expert_scatter(coef, idx, src, tab, acc.shape[0], m, algo, chunk, acc)[1]
+    return _scatter_ref(coef, idx, src, tab, acc.shape[0], m, into=acc)[1]
+
+
+@_expert_scatter_acc_op.register_fake
+def _(coef, idx, src, tab, acc, m, algo, chunk):
+    return src.new_empty(coef.shape) if tab is not None else src.new_empty(0)
+
+
+def _table_grad(coef, idx, src, tab, tab_rows, acc, m, algo, chunk):
+    """(table gradient, dot): returned, or added to acc (then None)."""
+    if acc is None:
+        return torch.ops.megapeer.expert_scatter(coef, idx, src, tab, tab_rows.shape[0], m, algo, chunk)
+    return None, torch.ops.megapeer.expert_scatter_acc(coef, idx, src, tab, acc, m, algo, chunk)
+
+
 def _dot_setup(ctx, inputs, output):
-    x, idx, U, m, algo, chunk = inputs
-    ctx.save_for_backward(x, idx, U)
+    x, idx, U, m, algo, chunk, acc = inputs
+    ctx.save_for_backward(x, idx, U, acc)
     ctx.m, ctx.chunk, ctx.scatter = m, chunk, _SCATTER[_scatter_name()]
 
 
 def _dot_backward(ctx, grad_s):
-    x, idx, U = ctx.saved_tensors
+    x, idx, U, acc = ctx.saved_tensors
     grad_x = grad_U = None
     if ctx.needs_input_grad[0]:
         grad_x = torch.ops.megapeer.gather_axpy(grad_s, idx, U, ctx.m)
     if ctx.needs_input_grad[2]:
-        grad_U, _ = torch.ops.megapeer.expert_scatter(grad_s, idx, x, None, U.shape[0], ctx.m, ctx.scatter,
-                                                      ctx.chunk)
-    return grad_x, None, grad_U, None, None, None
+        grad_U, _ = _table_grad(grad_s, idx, x, None, U, acc, ctx.m, ctx.scatter, ctx.chunk)
+    return grad_x, None, grad_U, None, None, None, None
 
 
 def _axpy_setup(ctx, inputs, output):
-    w, idx, V, m = inputs
-    ctx.save_for_backward(w, idx, V)
+    w, idx, V, m, acc = inputs
+    ctx.save_for_backward(w, idx, V, acc)
     ctx.m, ctx.chunk = m, _settings.chunk
     ctx.scatter, ctx.dot = _SCATTER[_scatter_name()], _dot_algo(idx, V.shape[0], m)
 
 
 def _axpy_backward(ctx, grad_out):
-    w, idx, V = ctx.saved_tensors
+    w, idx, V, acc = ctx.saved_tensors
     need_w, need_V = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     grad_w = grad_V = None
     if need_V:   # one pass over V gives both: grad_V rows and grad_w = V[rows] . grad_out
-        grad_V, dot = torch.ops.megapeer.expert_scatter(w, idx, grad_out, V if need_w else None, V.shape[0],
-                                                        ctx.m, ctx.scatter, ctx.chunk)
+        grad_V, dot = _table_grad(w, idx, grad_out, V if need_w else None, V, acc, ctx.m, ctx.scatter,
+                                  ctx.chunk)
         if need_w:
             grad_w = dot
     elif need_w:
         grad_w = torch.ops.megapeer.gather_dot(grad_out, idx, V, ctx.m, ctx.dot, ctx.chunk)
-    return grad_w, None, grad_V, None
+    return grad_w, None, grad_V, None, None
 
 
 torch.library.register_autograd("megapeer::gather_dot", _dot_backward, setup_context=_dot_setup)
@@ -259,10 +287,13 @@ torch.library.register_autograd("megapeer::gather_axpy", _axpy_backward, setup_c
 # ---------------------------------------------------------------------------
 # Public API (what ops/dispatch.py calls).
 
-def gather_dot(x: Tensor, idx: Tensor, U: Tensor, m: int = 1) -> Tensor:
-    """s[t,h,k,j] = U[idx*m+j] . x[t] with the fused kernels (autograd to x and U)."""
+FUSED_ACCUMULATION = True   # gather_dot / gather_axpy take acc (ops/grad_accum.py)
+
+def gather_dot(x: Tensor, idx: Tensor, U: Tensor, m: int = 1, acc: Optional[Tensor] = None) -> Tensor:
+    """s[t,h,k,j] = U[idx*m+j] . x[t] with the fused kernels (autograd to x and U; U's
+    gradient added to acc instead when given)."""
     return torch.ops.megapeer.gather_dot(x, idx.long(), U, int(m), _dot_algo(idx, U.shape[0], m),
-                                         _settings.chunk)
+                                         _settings.chunk, acc)
 
 
 def _dot_algo(idx: Tensor, n_rows: int, m: int) -> int:
@@ -272,9 +303,10 @@ def _dot_algo(idx: Tensor, n_rows: int, m: int) -> int:
     return _DOT["expert" if pairs_per_expert >= AUTO_EXPERT_REUSE else "token"]
 
 
-def gather_axpy(w: Tensor, idx: Tensor, V: Tensor, m: int = 1) -> Tensor:
-    """out[t] = sum w[t,h,k,j] V[idx*m+j] with the fused kernels (autograd to w and V)."""
-    return torch.ops.megapeer.gather_axpy(w, idx.long(), V, int(m))
+def gather_axpy(w: Tensor, idx: Tensor, V: Tensor, m: int = 1, acc: Optional[Tensor] = None) -> Tensor:
+    """out[t] = sum w[t,h,k,j] V[idx*m+j] with the fused kernels (autograd to w and V; V's
+    gradient added to acc instead when given)."""
+    return torch.ops.megapeer.gather_axpy(w, idx.long(), V, int(m), acc)
 
 
 def peer_experts(x, idx, gates, U, V, act, m: int = 1):

@@ -16,7 +16,7 @@ from ..parallel import device, init_distributed, init_model_parallel
 from . import checkpointing as ckpt
 from .profiling import StepProfiler
 from .optimizer import build_optimizer, build_scheduler, current_lr, optimizer_step
-from .step import forward_backward, wrap_ddp
+from .step import forward_backward, wrap_ddp, zero_grad_buffers
 
 log = logging.getLogger("megapeer.train")
 
@@ -27,6 +27,20 @@ _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "GH2
 class NonFiniteError(RuntimeError):
     pass
 
+
+TP_COMPILE_ENV = "MEGAPEER_ALLOW_TP_COMPILE"
+
+
+def check_compile_layout(tensor_parallel: int, on_gpu: bool) -> None:
+    """training.compile with tensor parallelism has not run on GPUs: on H200s (2026-11-28,
+    docs/benchmarks.md "Not measured") the TP2 step hung in its first step, or faulted with
+    an illegal memory access. On the CPU (gloo) it is tested and matches eager. Refuse it on
+    GPUs unless MEGAPEER_ALLOW_TP_COMPILE=1 (for whoever investigates)."""
+    if tensor_parallel > 1 and on_gpu and os.environ.get(TP_COMPILE_ENV) != "1":
+        raise ValueError(
+            f"training.compile=true with parallel.tensor={tensor_parallel} is not supported on "
+            "GPUs: compiled TP layers hung or faulted on H200s (docs/benchmarks.md). Set "
+            f"training.compile=false or parallel.tensor=1 (or {TP_COMPILE_ENV}=1 to try anyway).")
 
 def _peak_flops(cfg):
     if cfg.logging.peak_tflops:
@@ -116,6 +130,8 @@ def train(cfg):
                          f"tokens but model.vocab_size is {m.vocab_size}")
 
     tcfg = transformer_config(m, cfg.parallel, t)
+    if t.compile:
+        check_compile_layout(cfg.parallel.tensor, torch.cuda.is_available())
     chunks = build_model_chunks(cfg, tcfg)
     if t.compile:
         log.info("training.compile: %d transformer layers compiled with torch.compile, "
@@ -191,8 +207,7 @@ def train(cfg):
     prof = StepProfiler(cfg.logging.profile_steps, os.path.join(run_dir, "profile"), rank)
     while it < t.train_iters:
         with prof.step(it + 1):
-            for c in ddp:
-                c.zero_grad_buffer()
+            zero_grad_buffers(ddp)
             optimizer.zero_grad()
             loss = forward_backward(ddp, train_iters, n_micro, m.seq_length,
                                     t.micro_batch_size)

@@ -9,6 +9,7 @@ from megatron.core.distributed import DistributedDataParallel as DDP
 from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from ..ops.grad_accum import prepare_accumulators
 from ..parallel import device
 
 
@@ -54,6 +55,14 @@ def wrap_ddp(chunks, tcfg, use_distributed_optimizer=False, overlap_grad_reduce=
             tcfg.grad_sync_func = tcfg.grad_sync_func[0]
     tcfg.finalize_model_grads_func = _finalize_grads
     return wrapped
+
+
+def zero_grad_buffers(ddp):
+    """Zero Megatron's fp32 gradient buffers before a step, and prepare the accumulators of
+    the PEER tables whose gradients the expert ops add there themselves (ops/grad_accum.py)."""
+    for c in ddp:
+        c.zero_grad_buffer()
+        prepare_accumulators(c.module, enabled=not c.ddp_config.overlap_grad_reduce)
 
 
 def _finalize_grads(*args, **kwargs):
