@@ -70,6 +70,7 @@ def test_accumulators_only_for_fused_tables_with_an_fp32_main_grad():
     m()
     acc2 = accumulator(m.a)
     assert acc2 is not acc and acc2.data_ptr() == acc.data_ptr()   # fresh per forward
+    assert acc.storage_offset() == 0 and acc.untyped_storage().nbytes() == 8 * 4   # its own bytes only
     v2 = acc2._version
     acc.add_(1.0)
     assert acc2._version == v2                            # micro-batches kept apart

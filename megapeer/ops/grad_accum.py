@@ -51,8 +51,12 @@ def _alias(t: torch.Tensor) -> torch.Tensor:
     between a layer's forward and backward, so autograd would reject it as a saved tensor.
     A fresh alias per forward also keeps pipelined micro-batches (several forwards before
     their backwards) apart: each changes only when its own backward adds to it."""
-    a = torch.empty(0, dtype=t.dtype, device=t.device)
-    return a.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+    # Over a storage of exactly t's bytes, at offset 0: a tensor whose storage runs past its
+    # end (all of DDP's buffer) made inductor copy the buffer's tail into a buffer sized for
+    # the tensor (an illegal memory access on an H200 under TP2, 2026-11-28).
+    es, off = t.element_size(), t.storage_offset()
+    storage = t.untyped_storage()[off * es:(off + t.numel()) * es]
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(storage, 0, t.shape, t.stride())
 
 
 def _usable(p) -> bool:
