@@ -330,3 +330,11 @@ def _log_model_summary(cfg, chunks):
                 what = (f"grouped Triton kernels (experts of width {w}, ~{pairs / n_exp:.0f} "
                         f"pairs each per micro-batch)")
     log.info("PEER expert kernel: %s (model.peer.kernel=%s)", what, m.peer.kernel)
+    if "P" in "".join(layer_kinds(m)):
+        if not m.peer.grad_accum_fusion or cfg.training.overlap_grad_reduce:
+            acc = "plain (DDP adds them to main_grad)"
+        elif what.startswith(("fused", "reference")):
+            acc = "added to the fp32 main_grad inside the expert ops (model.peer.grad_accum_fusion)"
+        else:
+            acc = "plain (the grouped and gmm paths do not fuse the accumulation)"
+        log.info("PEER table gradients: %s", acc)
