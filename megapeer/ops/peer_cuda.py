@@ -289,6 +289,7 @@ torch.library.register_autograd("megapeer::gather_axpy", _axpy_backward, setup_c
 
 FUSED_ACCUMULATION = True   # gather_dot / gather_axpy take acc (ops/grad_accum.py)
 
+
 def gather_dot(x: Tensor, idx: Tensor, U: Tensor, m: int = 1, acc: Optional[Tensor] = None) -> Tensor:
     """s[t,h,k,j] = U[idx*m+j] . x[t] with the fused kernels (autograd to x and U; U's
     gradient added to acc instead when given)."""
