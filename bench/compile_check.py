@@ -23,7 +23,7 @@ def losses(overrides, mode, steps):
     from megapeer.models.gpt import param_dtype, transformer_config
     from megapeer.parallel import init_model_parallel
     from megapeer.training.optimizer import build_optimizer, optimizer_step
-    from megapeer.training.step import forward_backward, wrap_ddp, zero_grad_buffers
+    from megapeer.training.step import forward_backward, wrap_ddp
     cfg = load_config(overrides=overrides, world_size=1)
     init_model_parallel(cfg.parallel, 1234)
     m, t = cfg.model, cfg.training
@@ -44,7 +44,8 @@ def losses(overrides, mode, steps):
             batches.append({"tokens": toks[:, :-1], "labels": toks[:, 1:],
                             "loss_mask": torch.ones(B, S),
                             "position_ids": torch.arange(S).expand(B, S)})
-        zero_grad_buffers(ddp)
+        for c in ddp:
+            c.zero_grad_buffer()
         opt.zero_grad()
         loss = forward_backward(ddp, [iter(batches)], n_micro, S, B)
         optimizer_step(opt, t.clip_grad)

@@ -127,7 +127,7 @@ def run_variant(name, overrides, steps, warmup, profile_dir=None, compile_mode=N
     from megapeer.models.gpt import param_dtype, transformer_config
     from megapeer.parallel import init_model_parallel
     from megapeer.training.optimizer import build_optimizer, optimizer_step
-    from megapeer.training.step import forward_backward, wrap_ddp, zero_grad_buffers
+    from megapeer.training.step import forward_backward, wrap_ddp
     cfg = load_config(overrides=overrides, world_size=1)
     init_model_parallel(cfg.parallel, 1234)
     m, t = cfg.model, cfg.training
@@ -152,7 +152,8 @@ def run_variant(name, overrides, steps, warmup, profile_dir=None, compile_mode=N
              "position_ids": torch.arange(S).expand(B, S)}
 
     def step():
-        zero_grad_buffers(ddp)
+        for c in ddp:
+            c.zero_grad_buffer()
         opt.zero_grad()
         loss = forward_backward(ddp, [iter([batch] * n_micro)], n_micro, S, B)
         optimizer_step(opt, t.clip_grad)

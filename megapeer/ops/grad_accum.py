@@ -14,7 +14,13 @@ Triton and gmm paths take plain gradients: their experts are all chosen, and fus
 grouped scatter's read-modify-write measured slower than the separate add (H200,
 docs/kernels.md).
 
-`prepare_accumulators` (each step, in eager code) sets up the accumulators. Not with
+Eager layers only: under torch.compile the accumulator (an alias of DDP's flat buffer) went
+wrong in inductor (on an H200 under TP2 a generated copy ran from it to the end of the
+buffer: an illegal memory access; on the CPU an alias over exactly its own bytes corrupted
+the heap), so compiled layers take plain gradients.
+
+`prepare_accumulators` (once, when the trainer wraps the model in DDP) sets up the
+accumulators. Not with
 `overlap_grad_reduce`: there DDP's hook, which still runs after the table's (missing)
 gradient, requires a gradient to mark the bucket ready; the tables then take the plain path.
 """
@@ -38,9 +44,11 @@ class RouteGrad(torch.autograd.Function):
 
 def accumulator(table: torch.Tensor):
     """The fp32 accumulator of `table` for this forward (an alias of its main_grad, made by
-    the hook of prepare_accumulators), when autograd will run; else None (plain gradients)."""
+    the hook of prepare_accumulators), when autograd will run in eager code; else None
+    (plain gradients)."""
     acc = getattr(table, "_peer_acc", None)
-    if acc is None or not torch.is_grad_enabled() or not table.requires_grad:
+    if (acc is None or not torch.is_grad_enabled() or not table.requires_grad
+            or torch.compiler.is_compiling()):
         return None
     return acc
 
@@ -51,12 +59,8 @@ def _alias(t: torch.Tensor) -> torch.Tensor:
     between a layer's forward and backward, so autograd would reject it as a saved tensor.
     A fresh alias per forward also keeps pipelined micro-batches (several forwards before
     their backwards) apart: each changes only when its own backward adds to it."""
-    # Over a storage of exactly t's bytes, at offset 0: a tensor whose storage runs past its
-    # end (all of DDP's buffer) made inductor copy the buffer's tail into a buffer sized for
-    # the tensor (an illegal memory access on an H200 under TP2, 2026-11-28).
-    es, off = t.element_size(), t.storage_offset()
-    storage = t.untyped_storage()[off * es:(off + t.numel()) * es]
-    return torch.empty(0, dtype=t.dtype, device=t.device).set_(storage, 0, t.shape, t.stride())
+    a = torch.empty(0, dtype=t.dtype, device=t.device)
+    return a.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
 def _usable(p) -> bool:
@@ -76,8 +80,8 @@ def prepare_accumulators(module: torch.nn.Module, enabled: bool = True) -> int:
     """Give each PEER table with model.peer.grad_accum_fusion and a usable main_grad (fp32,
     contiguous, the table's shape) an accumulator, renewed by a forward pre-hook on
     `module` (eager code, once per micro-batch; compiled layers see a new input, not a new
-    graph). enabled=False removes them. Call after DDP set main_grad, before each step.
-    Returns how many tables take the fusion."""
+    graph). enabled=False removes them. Call after DDP set main_grad (training/step.py:
+    wrap_ddp). Returns how many tables take the fusion."""
     old = getattr(module, "_peer_acc_hook", None)
     if old is not None:
         old.remove()

@@ -16,7 +16,7 @@ from ..parallel import device, init_distributed, init_model_parallel
 from . import checkpointing as ckpt
 from .profiling import StepProfiler
 from .optimizer import build_optimizer, build_scheduler, current_lr, optimizer_step
-from .step import forward_backward, wrap_ddp, zero_grad_buffers
+from .step import forward_backward, wrap_ddp
 
 log = logging.getLogger("megapeer.train")
 
@@ -41,6 +41,7 @@ def check_compile_layout(tensor_parallel: int, on_gpu: bool) -> None:
             f"training.compile=true with parallel.tensor={tensor_parallel} is not supported on "
             "GPUs: compiled TP layers hung or faulted on H200s (docs/benchmarks.md). Set "
             f"training.compile=false or parallel.tensor=1 (or {TP_COMPILE_ENV}=1 to try anyway).")
+
 
 def _peak_flops(cfg):
     if cfg.logging.peak_tflops:
@@ -207,7 +208,8 @@ def train(cfg):
     prof = StepProfiler(cfg.logging.profile_steps, os.path.join(run_dir, "profile"), rank)
     while it < t.train_iters:
         with prof.step(it + 1):
-            zero_grad_buffers(ddp)
+            for c in ddp:
+                c.zero_grad_buffer()
             optimizer.zero_grad()
             loss = forward_backward(ddp, train_iters, n_micro, m.seq_length,
                                     t.micro_batch_size)
@@ -333,6 +335,8 @@ def _log_model_summary(cfg, chunks):
     if "P" in "".join(layer_kinds(m)):
         if not m.peer.grad_accum_fusion or cfg.training.overlap_grad_reduce:
             acc = "plain (DDP adds them to main_grad)"
+        elif cfg.training.compile:
+            acc = "plain (compiled layers do not fuse the accumulation)"
         elif what.startswith(("fused", "reference")):
             acc = "added to the fp32 main_grad inside the expert ops (model.peer.grad_accum_fusion)"
         else:

@@ -46,6 +46,8 @@ def wrap_ddp(chunks, tcfg, use_distributed_optimizer=False, overlap_grad_reduce=
     )
     wrapped = [DDP(config=tcfg, ddp_config=ddp_cfg, module=c, disable_bucketing=(i > 0))
                for i, c in enumerate(chunks)]
+    for m in wrapped:   # PEER tables' gradients straight into main_grad (ops/grad_accum.py)
+        prepare_accumulators(m.module, enabled=not overlap_grad_reduce)
     tcfg.no_sync_func = [m.no_sync for m in wrapped]
     if len(wrapped) == 1:
         tcfg.no_sync_func = tcfg.no_sync_func[0]
@@ -55,14 +57,6 @@ def wrap_ddp(chunks, tcfg, use_distributed_optimizer=False, overlap_grad_reduce=
             tcfg.grad_sync_func = tcfg.grad_sync_func[0]
     tcfg.finalize_model_grads_func = _finalize_grads
     return wrapped
-
-
-def zero_grad_buffers(ddp):
-    """Zero Megatron's fp32 gradient buffers before a step, and prepare the accumulators of
-    the PEER tables whose gradients the expert ops add there themselves (ops/grad_accum.py)."""
-    for c in ddp:
-        c.zero_grad_buffer()
-        prepare_accumulators(c.module, enabled=not c.ddp_config.overlap_grad_reduce)
 
 
 def _finalize_grads(*args, **kwargs):

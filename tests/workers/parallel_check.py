@@ -18,7 +18,7 @@ from megapeer.config import load_config
 from megapeer.models import build_model_chunks, transformer_config
 from megapeer.parallel import init_distributed, init_model_parallel
 from megapeer.training.checkpointing import gather_full, load_model, save_model
-from megapeer.training.step import forward_backward, wrap_ddp, zero_grad_buffers
+from megapeer.training.step import forward_backward, wrap_ddp
 
 GB, MBS, SEQ, VOCAB = 8, 2, 16, 256
 LAYOUTS = {
@@ -58,7 +58,8 @@ def run_step(cfg, chunks):
     mine = [b for i, b in enumerate(global_batch()) if i % dp == r]
     tcfg = chunks[0].config
     ddp = wrap_ddp(chunks, tcfg)
-    zero_grad_buffers(ddp)
+    for m in ddp:
+        m.zero_grad_buffer()
     iters = [iter(mine) for _ in ddp]
     loss = forward_backward(ddp, iters, len(mine), SEQ, MBS)
     return float(loss), gather_full(chunks, "grad")
