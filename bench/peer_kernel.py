@@ -143,19 +143,25 @@ class Problem:
         return self.idx.numel() * self.m * self.d * self.esize
 
 
-def measure_step(p, mod, warmup, reps):
-    fwd = timeit(lambda: p.forward(mod), warmup, reps, setup=p.clear)
-    both = timeit(lambda: p.step(mod), warmup, reps, setup=p.clear)
+def peak_memory(p, fn):
+    """(peak, base) bytes allocated while fn() runs once from cleared gradients; zeros on CPU."""
     peak = base = 0
     if torch.cuda.is_available():
         p.clear()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        p.step(mod)
+        fn()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     p.clear()
+    return peak, base
+
+
+def measure_step(p, mod, warmup, reps):
+    fwd = timeit(lambda: p.forward(mod), warmup, reps, setup=p.clear)
+    both = timeit(lambda: p.step(mod), warmup, reps, setup=p.clear)
+    peak, base = peak_memory(p, lambda: p.step(mod))
     return {"fwd_ms": fwd[0], "fwd_min_ms": fwd[1], "fwdbwd_ms": both[0], "fwdbwd_min_ms": both[1],
             "peak_gib": peak / GiB, "base_gib": base / GiB,
             # beyond inputs and the dense table gradients every method must produce
@@ -181,15 +187,8 @@ def measure_accum(p, mod, warmup, reps):
     out = {}
     for name, fn in (("unfused", unfused), ("fused", fused)):
         out[f"{name}_ms"] = timeit(fn, warmup, reps, setup=p.clear)[0]
-        if torch.cuda.is_available():
-            p.clear()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            out[f"{name}_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / GiB
-    p.clear()
+        peak, base = peak_memory(p, fn)
+        out[f"{name}_extra_gib"] = (peak - base) / GiB
     return out
 
 
@@ -316,11 +315,8 @@ def main():
                 st.dot, st.scatter = saved
             if not args.no_breakdown and p.m == 1:
                 res["breakdown"] = breakdown(p, args.warmup, args.reps, copy_bw)
-        if args.accumulate:
-            res["accumulate"] = {}
-            for name, ok, mod in (("grouped", grouped_ok, peer_grouped), ("fused", fused_ok, peer_cuda)):
-                if ok:
-                    res["accumulate"][name] = measure_accum(p, mod, args.warmup, args.reps)
+        if args.accumulate and fused_ok:   # the path that takes acc (ops/dispatch.py: _call)
+            res["accumulate"] = {"fused": measure_accum(p, peer_cuda, args.warmup, args.reps)}
         results["sizes"][size] = res
         del p
         if cuda:

@@ -142,9 +142,8 @@ class PEER(MegatronModule):
     def experts(self, x, idx, gates):
         """Sum of gate * act(u . x) * v over heads and selected experts; x [T, d]."""
         mode = self.peer.kernel
-        fuse = self.peer.grad_accum_fusion
-        acc_u = accumulator(self.U) if fuse else None    # main_grad under Megatron DDP
-        acc_v = accumulator(self.V) if fuse else None
+        acc_u = accumulator(self.U)    # main_grad aliases under DDP (ops/grad_accum.py)
+        acc_v = accumulator(self.V)
         if self.ep_size > 1:
             group = ps.get_expert_model_parallel_group()
             x = _comm(mappings.gather_from_sequence_parallel_region, x, True, group=group)

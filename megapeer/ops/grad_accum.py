@@ -20,9 +20,9 @@ buffer: an illegal memory access; on the CPU an alias over exactly its own bytes
 the heap), so compiled layers take plain gradients.
 
 `prepare_accumulators` (once, when the trainer wraps the model in DDP) sets up the
-accumulators. Not with
-`overlap_grad_reduce`: there DDP's hook, which still runs after the table's (missing)
-gradient, requires a gradient to mark the bucket ready; the tables then take the plain path.
+accumulators. Not with `overlap_grad_reduce`: there DDP's hook, which still runs after the
+table's (missing) gradient, requires a gradient to mark the bucket ready; the tables then
+take the plain path.
 """
 import torch
 
