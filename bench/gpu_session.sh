@@ -135,6 +135,32 @@ if has tpc; then  # compile under TP2 on GPUs (the layout model): per-step log, 
   grep -B14 -m1 "Error:" "$OUT/tpc.log" | grep -v "__graph_breaks" | cut -c1-220
   cp /tmp/tpc/metrics.jsonl "$OUT/tpc_metrics.jsonl" 2>/dev/null
 fi
+# training.fused_cross_entropy off / on, 1.3B compiled at micro-batch 2 (CE_VARIANTS)
+for ce in off on; do
+  has ce1b && tput ce1b_$ce ${CE_LIMIT:-280} --size 1b --compile --variants ${CE_VARIANTS:-mla_dense,mla_peer_wider} \
+    --set training.micro_batch_size=2 training.global_batch_size=8 \
+    training.fused_cross_entropy=$([[ $ce == on ]] && echo true || echo false) ${CE_ARGS:-}
+done
+if has tpcdiag; then  # a hung compiled TP2 run: Python stacks (SIGUSR2) and py-spy of each rank
+  [[ -f /tmp/demo/tokenizer.model ]] || python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null
+  MODEL=$(python3 -c "from bench.train_throughput import GPU_100M as a, GPU_100M_PEER as b; print(*a, *b)")
+  MEGAPEER_ALLOW_TP_COMPILE=1 TORCH_LOGS=recompiles env ${DIAG_ENV:-} python3 -m torch.distributed.run --standalone \
+    --nproc_per_node=2 -m megapeer.train --config examples/tiny_cpu.yaml $MODEL \
+    model.peer.num_experts=[128,128] model.vocab_size=4096 data.tokenizer.path=/tmp/demo/tokenizer.model \
+    data.blend=[/tmp/demo/stdlib_text_document] training.train_iters=${TPC_STEPS:-6} training.warmup_iters=2 \
+    training.eval_interval=0 logging.log_interval=1 logging.expert_usage_interval=0 logging.run_dir=/tmp/tpcd \
+    checkpoint.save=false checkpoint.resume=none parallel.tensor=2 training.compile=true ${TPC_ARGS:-} \
+    > "$OUT/tpcdiag.log" 2>&1 &
+  launcher=$!
+  for _ in $(seq ${DIAG_WAIT:-90}); do sleep 1; kill -0 $launcher 2>/dev/null || break; done
+  for pid in $(pgrep -f "m megapeer.train --config" | grep -v "^$launcher$"); do
+    [[ $(ps -o ppid= -p "$pid" | tr -d ' ') == "$launcher" ]] || continue
+    kill -USR2 "$pid"; sleep 1
+    timeout 30 /tmp/site/bin/py-spy dump --native --pid "$pid" > "$OUT/pyspy_$pid.txt" 2>&1
+  done
+  sleep 3; kill -9 -- $(pgrep -P $launcher) $launcher 2>/dev/null
+  echo "tpcdiag: $(grep -c 'step ' "$OUT/tpcdiag.log") step lines"; grep "step " "$OUT/tpcdiag.log" | tail -3
+fi
 if has eplabel; then  # one EP2 layout: PEER's labelled collectives in the profile
   python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null
   timeout 300 python3 bench/layout_scaling.py --data /tmp/demo --gpus 2 --steps 7 --no-weak \
@@ -144,7 +170,7 @@ fi
 if has layouts; then
   [[ -f /tmp/demo/tokenizer.model ]] || python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null
   timeout ${LAYOUT_LIMIT:-580} python3 bench/layout_scaling.py --data /tmp/demo --gpus "${GPUS:-4}" --steps 12 \
-    --json "$OUT/layouts.json" ${LAYOUT_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/layouts.txt" | tail -30
+    --json "$OUT/layouts.json" ${LAYOUT_ARGS:-} 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/layouts.txt" | tail -30
   for d in /tmp/layouts/*/; do
     [[ -f $d/profile/summary_rank0.txt ]] && cp "$d/profile/summary_rank0.txt" "$OUT/layout_$(basename "$d").txt"
   done

@@ -13,8 +13,21 @@ def build_parser(prog="megapeer train"):
     return p
 
 
+def debug_hooks():
+    """`kill -USR2 <pid>` prints every thread's Python stack to stderr (a hung rank);
+    MEGAPEER_DUMP_STACKS_AFTER=S does it every S seconds."""
+    import faulthandler
+    import os
+    import signal
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # USR1: checkpoint and stop
+    every = os.environ.get("MEGAPEER_DUMP_STACKS_AFTER")
+    if every:
+        faulthandler.dump_traceback_later(float(every), repeat=True)
+
+
 def main(argv=None, prog="megapeer train"):
     args = build_parser(prog).parse_args(argv)
+    debug_hooks()
     from .config import ConfigError, load_config
     overrides = list(args.overrides)
     if args.resume is not None:

@@ -44,6 +44,8 @@ def test_yaml_and_overrides(tmp_path):
     ("", ["model.peer.kernel=gmm", "model.peer.expert_hidden=4"], 1,
      r"'model\.peer\.expert_hidden' = 4 and the table width .* multiples of 8 .*kernel=gmm"),
     ("", ["training.fused_adam=maybe"], 1, r"'training\.fused_adam' must be true or false"),
+    ("", ["training.fused_cross_entropy=true", "training.precision=fp32"], 1,
+     r"'training\.fused_cross_entropy' needs bf16"),
     ("", ["data.split=90,10"], 1, r"'data\.split'"),
     ("", ["logging.profile_steps=[3,2]"], 1, r"'logging\.profile_steps' must be \[first, last\]"),
     ("", ["training.train_iters=5", "training.warmup_iters=1", "logging.profile_steps=[1,6]"], 1,

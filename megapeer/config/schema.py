@@ -120,6 +120,7 @@ class TrainingConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     use_distributed_optimizer: bool = False
     fused_adam: bool = True                # torch's fused Adam kernel for GPU parameters
+    fused_cross_entropy: bool = False      # Megatron's fused vocab-parallel cross-entropy (bf16)
     overlap_grad_reduce: bool = False
     eval_interval: int = 50
     eval_iters: int = 5

@@ -15,6 +15,11 @@ def layer_kinds(model) -> list:
     return [pat[i % len(pat)] for i in range(model.num_layers)]
 
 
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def validate_config(cfg: Config, world_size: int, source: str = "<config>") -> None:
     m, p, t = cfg.model, cfg.parallel, cfg.training
     for key, val in (("parallel.tensor", p.tensor), ("parallel.pipeline", p.pipeline),
@@ -28,6 +33,10 @@ def validate_config(cfg: Config, world_size: int, source: str = "<config>") -> N
     if dp % p.expert:
         _fail(source, "parallel.expert", f"= {p.expert} does not divide the data-parallel "
               f"size {dp} (world {world_size} / tensor {p.tensor} / pipeline {p.pipeline})")
+    if t.fused_cross_entropy and (t.precision == "fp32" or
+                                  (t.precision == "auto" and not _cuda_available())):
+        _fail(source, "training.fused_cross_entropy", "needs bf16 (training.precision=bf16, or "
+              "auto on a GPU): Megatron's fused cross-entropy returns bf16 logit gradients")
     if p.sequence_parallel:
         _fail(source, "parallel.sequence_parallel", "is not supported yet (PEER layers expect "
               "the full sequence on every tensor-parallel rank)")

@@ -11,7 +11,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 from ..parallel import cpu_shims
 from .attention import KVDownProjection
 from .counts import padded_vocab_size
-from .layer_specs import attention_backend, block_spec
+from .layer_specs import attention_backend, block_spec, transformer_engine_available
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,10 @@ def transformer_config(model_cfg, parallel_cfg, training_cfg=None) -> MLATransfo
     recompute = training_cfg.recompute if training_cfg is not None else "none"
     on_cpu = not torch.cuda.is_available()
     kw = {}
+    if training_cfg is not None and training_cfg.fused_cross_entropy:
+        # Transformer Engine's kernel where TE is importable, else Megatron's compiled one
+        kw.update(cross_entropy_loss_fusion=True,
+                  cross_entropy_fusion_impl="te" if transformer_engine_available() else "native")
     if recompute == "full":
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":
@@ -171,10 +175,30 @@ def compile_layers(chunks, mode="default") -> int:
     for c in chunks:
         model = c.module if isinstance(c, Float16Module) else c
         for layer in model.decoder.layers:
+            if ps.get_tensor_model_parallel_world_size() > 1:
+                keep_tp_linears_eager(layer)
             layer.compile(mode=None if mode == "default" else mode)
             n += 1
     return n
 
 
-__all__ = ["build_model", "build_model_chunks", "compile_layers", "padded_vocab_size",
+def keep_tp_linears_eager(layer) -> int:
+    """Run Megatron's tensor-parallel linears outside the compiled graph; returns the count.
+
+    Under TP their autograd Function launches async collectives in backward, which Dynamo
+    cannot trace: it broke the graph inside every linear and recompiled each one per
+    shape and class (32 recompiles for a 2-layer model on CPU), so compilation never
+    finished on two H200s. Kept eager, each linear is one clean graph break; the
+    elementwise work between them is still compiled.
+    """
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    n = 0
+    for mod in layer.modules():
+        if isinstance(mod, (ColumnParallelLinear, RowParallelLinear)):
+            mod.forward = torch._dynamo.disable(mod.forward, recursive=True)
+            n += 1
+    return n
+
+
+__all__ = ["build_model", "build_model_chunks", "compile_layers", "keep_tp_linears_eager", "padded_vocab_size",
            "peer_modules", "transformer_config", "cpu_shims"]

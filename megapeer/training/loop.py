@@ -308,6 +308,11 @@ def _log_model_summary(cfg, chunks):
     from ..models import param_counts
     from .. models.layer_specs import attention_backend
     m = cfg.model
+    tcfg = chunks[0].config
+    if tcfg.cross_entropy_loss_fusion:
+        log.info("cross-entropy: fused (%s, training.fused_cross_entropy)",
+                 "Transformer Engine" if tcfg.cross_entropy_fusion_impl == "te"
+                 else "Megatron's native kernel")
     pc = param_counts(m, padded_vocab_size(m, 1))
     log.info("model: %d layers (%s), %.2fM params total, %.2fM active per token, "
              "%.2fM in PEER tables; attention: %s", m.num_layers, "".join(layer_kinds(m)),

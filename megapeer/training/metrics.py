@@ -199,5 +199,9 @@ class MetricsLogger:
             self._tb.close()
             self._tb = None
         if self._wandb is not None:
+            import wandb
             self._wandb.finish()
             self._wandb = None
+            # finish() can return before the service has written the run's file; teardown
+            # waits for it (wandb's own atexit hook is unreliable under torchrun workers).
+            wandb.teardown()
