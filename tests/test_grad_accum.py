@@ -82,6 +82,22 @@ def test_accumulators_only_for_fused_tables_with_an_fp32_main_grad():
     assert accumulator(m.a) is None and len(m._forward_pre_hooks) == 0
 
 
+def test_no_accumulators_for_tables_of_compiled_layers():
+    """Compiled layers take plain gradients, so their tables get no accumulator (nor a
+    hook renewing it every micro-batch); eager layers of the same model keep theirs."""
+    from megapeer.ops.grad_accum import prepare_accumulators
+    m = torch.nn.Module()
+    m.eager, m.comp = torch.nn.Module(), torch.nn.Module()
+    for sub in (m.eager, m.comp):
+        sub.t = torch.nn.Parameter(torch.zeros(4, 2))
+        sub.t.peer_fused_accum = True
+        sub.t.main_grad = torch.zeros(4, 2)
+    m.comp.compile()
+    assert prepare_accumulators(m) == 1
+    m.eager.compile()
+    assert prepare_accumulators(m) == 0 and len(m._forward_pre_hooks) == 0
+
+
 @pytest.mark.parametrize("flag", ["true", "false"])
 def test_config_key(flag):
     from megapeer.config import load_config

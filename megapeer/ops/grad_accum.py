@@ -86,10 +86,15 @@ def prepare_accumulators(module: torch.nn.Module, enabled: bool = True) -> int:
     if old is not None:
         old.remove()
         module._peer_acc_hook = None
+    # a compiled layer's PEER never reads its accumulator (see accumulator()): skip its
+    # tables, so that the hook does not renew aliases nobody uses
+    compiled = tuple(name + "." for name, sub in module.named_modules()
+                     if getattr(sub, "_compiled_call_impl", None) is not None)
     tables = []
-    for p in module.parameters():
+    for name, p in module.named_parameters():
         p._peer_acc = None
-        if enabled and getattr(p, "peer_fused_accum", False) and _usable(p):
+        if (enabled and not (compiled and name.startswith(compiled))
+                and getattr(p, "peer_fused_accum", False) and _usable(p)):
             tables.append(p)
     if tables:
         module._peer_acc_hook = module.register_forward_pre_hook(_refresh(tables))
