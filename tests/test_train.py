@@ -313,3 +313,17 @@ def test_compile_with_tensor_parallel_refused_on_gpus(monkeypatch):
         check_compile_layout(2, on_gpu=True)
     monkeypatch.setenv(TP_COMPILE_ENV, "1")
     check_compile_layout(2, on_gpu=True)
+
+
+def test_sigusr2_prints_every_stack_and_the_run_goes_on():
+    """megapeer.train's debug hook: SIGUSR2 dumps all threads' Python stacks to stderr
+    (a hung rank) without stopping the process; USR1 stays the checkpoint-and-stop signal."""
+    script = ("import time; from megapeer.train import debug_hooks; debug_hooks(); "
+              "print('ready', flush=True); time.sleep(3); print('done')")
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(signal.SIGUSR2)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and out.strip() == "done", (p.returncode, out, err)
+    assert "most recent call first" in err and "<string>" in err, err
