@@ -24,6 +24,7 @@ SIZES = {"100m": GPU_100M + GPU_100M_PEER + ["model.peer.num_experts=[128,128]"]
          "tiny": TINY + TINY_PEER}  # tiny: a CPU smoke run of this script (gloo)
 
 EQUAL = [("1 GPU", 1, []), ("DP2", 2, []), ("TP2", 2, ["parallel.tensor=2"]),
+         ("TP2 SP", 2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
          ("PP2", 2, ["parallel.pipeline=2"]), ("EP2 (DP2)", 2, ["parallel.expert=2"]),
          ("DP4", 4, []), ("TP2 x EP2", 4, ["parallel.tensor=2", "parallel.expert=2"])]
 

@@ -38,8 +38,14 @@ def validate_config(cfg: Config, world_size: int, source: str = "<config>") -> N
         _fail(source, "training.fused_cross_entropy", "needs bf16 (training.precision=bf16, or "
               "auto on a GPU): Megatron's fused cross-entropy returns bf16 logit gradients")
     if p.sequence_parallel:
-        _fail(source, "parallel.sequence_parallel", "is not supported yet (PEER layers expect "
-              "the full sequence on every tensor-parallel rank)")
+        if p.tensor < 2:
+            _fail(source, "parallel.sequence_parallel", "needs parallel.tensor >= 2")
+        if m.seq_length % p.tensor:
+            _fail(source, "parallel.sequence_parallel", f"needs model.seq_length = "
+                  f"{m.seq_length} divisible by parallel.tensor = {p.tensor}")
+        if m.peer.query_norm == "batchnorm":
+            _fail(source, "parallel.sequence_parallel", "does not work with "
+                  "model.peer.query_norm=batchnorm (its statistics would cover one chunk)")
     if m.num_layers % p.pipeline:
         _fail(source, "model.num_layers", f"= {m.num_layers} is not divisible by "
               f"parallel.pipeline = {p.pipeline}")

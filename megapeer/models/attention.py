@@ -103,6 +103,13 @@ class KVDownProjection(ColumnParallelLinear):
         out, bias = super().forward(input_, *args, **kwargs)
         tp = self.tp_group if getattr(self, "tp_group", None) is not None else \
             ps.get_tensor_model_parallel_group()
-        if torch.distributed.get_world_size(tp) > 1 and not self.config.sequence_parallel:
-            out = _GatherKVLatent.apply(out, self.config.kv_lora_rank, tp)
+        if torch.distributed.get_world_size(tp) > 1:
+            if self.config.sequence_parallel:
+                # [s, b, width / tp] -> [s / tp, b, width], the shape of an unsplit linear
+                # under SP: MLA then gathers the rotary key over the sequence, whose
+                # backward (a reduce-scatter) sums its partial gradients over TP.
+                out = tensor_parallel.gather_from_tensor_model_parallel_region(out, group=tp)
+                out = tensor_parallel.scatter_to_sequence_parallel_region(out, group=tp)
+            else:
+                out = _GatherKVLatent.apply(out, self.config.kv_lora_rank, tp)
         return out, bias

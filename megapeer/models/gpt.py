@@ -136,7 +136,8 @@ def _fix_mla_tp_grads(model):
     """
     from megatron.core.tensor_parallel import ColumnParallelLinear
     for name, p in model.named_parameters():
-        if "self_attention.q_layernorm" in name:
+        # under sequence parallelism q_layernorm sees a chunk of the sequence: the sum is right
+        if "self_attention.q_layernorm" in name and not model.config.sequence_parallel:
             p.average_gradients_across_tp_domain = True
     for mod in model.modules():
         proj = getattr(mod, "linear_kv_down_proj", None)

@@ -6,7 +6,10 @@ attention_backend auto or te) Megatron-Core's TE spec is used; otherwise the
 local spec with our SDPA core attention.
 """
 import copy
+import dataclasses
 import logging
+
+import torch
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -48,6 +51,37 @@ def attention_backend(model_cfg) -> str:
     return "te" if (want in ("auto", "te") and have_te) else "local"
 
 
+class TorchNorm:
+    """torch's LayerNorm / RMSNorm for the local spec, in place of Megatron's
+    WrappedTorchNorm, which refuses sequence parallelism. Under it each TP rank normalises
+    a chunk of the sequence, so the weights are marked `sequence_parallel` and Megatron's
+    finalize_model_grads sums their gradients over TP (what apex's and TE's norms do)."""
+
+    def __new__(cls, config, hidden_size, eps=1e-5, **kwargs):
+        kinds = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in kinds:
+            raise ValueError(f"normalization {config.normalization!r} is not supported")
+        norm = kinds[config.normalization](normalized_shape=hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _use_torch_norm(spec):
+    """Replace WrappedTorchNorm by TorchNorm everywhere in a (nested) spec, in place."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    subs = getattr(spec, "submodules", None)
+    if subs is None or not dataclasses.is_dataclass(subs):
+        return spec
+    for f in dataclasses.fields(subs):
+        val = getattr(subs, f.name)
+        if val is WrappedTorchNorm:
+            setattr(subs, f.name, TorchNorm)
+        elif isinstance(val, ModuleSpec):
+            _use_torch_norm(val)
+    return spec
+
+
 def _base_spec(backend: str) -> ModuleSpec:
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import \
@@ -57,15 +91,14 @@ def _base_spec(backend: str) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(multi_latent_attention=True, qk_layernorm=True,
                                     normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+    return _use_torch_norm(spec)
 
 
 def _norm(backend: str):
     if backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm
         return TENorm
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-    return WrappedTorchNorm
+    return TorchNorm
 
 
 def layer_spec(kind: str, backend: str, peer_cfg) -> ModuleSpec:

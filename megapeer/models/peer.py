@@ -11,7 +11,9 @@ Sharding (see docs/architecture.md): U and V ([N*m, d]) are split along d over t
 tensor-parallel group (partial dot products are all-reduced, a [T, h, k] tensor;
 the output slices are all-gathered) and along expert rows over the expert-parallel
 group (tokens all-gathered within the group, partial outputs reduce-scattered).
-Query network and sub-keys are small and replicated.
+Query network and sub-keys are small and replicated. With sequence parallelism each TP
+rank retrieves for its chunk of the sequence; tokens, gates and indices are then
+all-gathered over TP, and the output is split back into chunks.
 """
 import contextlib
 import math
@@ -55,6 +57,8 @@ class PEER(MegatronModule):
         self.ep_rank = ps.get_expert_model_parallel_rank()
         self.d_local = d // self.tp_size
         self.n_local = self.num_experts // self.ep_size
+        # sequence parallelism: this rank gets (and returns) a 1/tp chunk of the sequence
+        self.sp = bool(config.sequence_parallel) and self.tp_size > 1
 
         dtype = config.params_dtype
         dev = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
@@ -81,8 +85,15 @@ class PEER(MegatronModule):
             p.partition_stride = 1
             p.peer_table = True                 # for weight-decay groups
             p.peer_fused_accum = peer.grad_accum_fusion   # see ops/grad_accum.py
+        if self.sp:   # retrieval sees this rank's tokens only: Megatron sums these over TP
+            for p in self._retrieval_params():
+                p.sequence_parallel = True
         self.reset_parameters()
         self._usage = None
+
+    def _retrieval_params(self):
+        return [self.query, *self.keys,
+                *(self.query_norm.parameters() if self.query_norm is not None else ())]
 
     # ---------------------------------------------------------------- init
     def reset_parameters(self):
@@ -157,7 +168,8 @@ class PEER(MegatronModule):
         if self.tp_size > 1:
             tp = ps.get_tensor_model_parallel_group()
             lo = self.tp_rank * self.d_local
-            xs = _comm(mappings.copy_to_tensor_model_parallel_region, x, group=tp)
+            # under SP, x's gather from the sequence chunks already sums its grad over TP
+            xs = x if self.sp else _comm(mappings.copy_to_tensor_model_parallel_region, x, group=tp)
             s = gather_dot(xs[:, lo:lo + self.d_local], idx, self.U, self.m, mode, acc_u)
             s = _comm(mappings.reduce_from_tensor_model_parallel_region, s, group=tp)
         else:
@@ -177,9 +189,21 @@ class PEER(MegatronModule):
         s, b, d = hidden_states.shape
         x = hidden_states.reshape(s * b, d)
         idx, gates, scores = self.retrieve(x)
+        if self.sp:   # retrieval on this rank's chunk; the expert step on the whole sequence
+            tp = ps.get_tensor_model_parallel_group()
+            # backward: x's grads are partial over the d-slices (reduce-scatter sums them);
+            # the gates' grads are complete on every rank (this rank's chunk is taken)
+            x = _comm(mappings.gather_from_sequence_parallel_region, x, True, group=tp)
+            gates = _comm(mappings.gather_from_sequence_parallel_region, gates, False, group=tp)
+            with record_function(COMM_LABEL):
+                idx = _all_gather_rows(idx, tp)
+                if self._usage is not None and self.training:
+                    scores = _all_gather_rows(scores.detach(), tp)
         if self._usage is not None and self.training:
             self._record_usage(idx, gates, scores)
         out = self.experts(x, idx, gates)
+        if self.sp:
+            out = _comm(mappings.scatter_to_sequence_parallel_region, out, group=tp)
         return out.view(s, b, d), None
 
     # ---------------------------------------------------------- expert usage
@@ -234,14 +258,18 @@ class PEER(MegatronModule):
 COMM_LABEL = "peer.comm"   # profiler label of PEER's collectives (training/profiling.py)
 
 
+@torch.compiler.disable
 def _comm(fn, x, *args, **kwargs):
     """fn(x, ...) (a Megatron mapping) with its forward and backward collectives inside
     record_function(COMM_LABEL) spans, so that profiles can tell PEER's communication apart.
 
     The backward span opens in the backward of a marker after fn and closes in the
     backward of a marker before it; the autograd engine runs fn's backward in between.
+    Always eager, also inside compiled layers: with the collectives traced into inductor's
+    graphs, two TP ranks on H200s issued different sequences of NCCL calls (an extra
+    all-reduce on rank 0 after every PEER layer) and hung.
     """
-    if not (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+    if not (torch.is_grad_enabled() and x.requires_grad):
         with record_function(COMM_LABEL):
             return fn(x, *args, **kwargs)
     box = []
@@ -273,8 +301,9 @@ class _SpanMarker(torch.autograd.Function):
 
 
 
+@torch.compiler.disable
 def _all_gather_rows(t, group):
-    """All-gather an integer tensor along dim 0 (no autograd)."""
+    """All-gather a tensor along dim 0 (no autograd)."""
     n = torch.distributed.get_world_size(group)
     out = torch.empty((n * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
     torch.distributed.all_gather_into_tensor(out, t.contiguous(), group=group)

@@ -32,10 +32,11 @@ TP_COMPILE_ENV = "MEGAPEER_ALLOW_TP_COMPILE"
 
 
 def check_compile_layout(tensor_parallel: int, on_gpu: bool) -> None:
-    """training.compile with tensor parallelism has not run on GPUs: on H200s (2026-11-28,
-    docs/benchmarks.md "Not measured") the TP2 step hung in its first step, or faulted with
-    an illegal memory access. On the CPU (gloo) it is tested and matches eager. Refuse it on
-    GPUs unless MEGAPEER_ALLOW_TP_COMPILE=1 (for whoever investigates)."""
+    """training.compile with tensor parallelism has not run on GPUs: on H200s (2026-11-28/29,
+    docs/benchmarks.md "Not measured") the TP2 step hung in its first step (the ranks issued
+    different NCCL calls once PEER's collectives were inside inductor's graphs; they are
+    eager now, not yet re-run on GPUs). On the CPU (gloo) it is tested and matches eager.
+    Refuse it on GPUs unless MEGAPEER_ALLOW_TP_COMPILE=1 (to verify the fix)."""
     if tensor_parallel > 1 and on_gpu and os.environ.get(TP_COMPILE_ENV) != "1":
         raise ValueError(
             f"training.compile=true with parallel.tensor={tensor_parallel} is not supported on "
@@ -308,10 +309,10 @@ def _log_model_summary(cfg, chunks):
     from ..models import param_counts
     from .. models.layer_specs import attention_backend
     m = cfg.model
-    tcfg = chunks[0].config
-    if tcfg.cross_entropy_loss_fusion:
+    if cfg.training.fused_cross_entropy:
+        from ..parallel.cpu_shims import transformer_engine_available
         log.info("cross-entropy: fused (%s, training.fused_cross_entropy)",
-                 "Transformer Engine" if tcfg.cross_entropy_fusion_impl == "te"
+                 "Transformer Engine" if transformer_engine_available()
                  else "Megatron's native kernel")
     pc = param_counts(m, padded_vocab_size(m, 1))
     log.info("model: %d layers (%s), %.2fM params total, %.2fM active per token, "

@@ -28,6 +28,8 @@ LAYOUTS = {
     "ep2": ["parallel.expert=2"],
     "dp2": [],
     "tp2ep2": ["parallel.tensor=2", "parallel.expert=2"],
+    "tp2sp": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
+    "tp2spep2": ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"],
 }
 BASE = [
     "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
