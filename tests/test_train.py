@@ -204,19 +204,33 @@ def test_compiled_layers_train_like_eager(demo, reference, tmp_path):
         assert abs(l[s] - ref[s]) <= 1e-4 * abs(ref[s]), (s, l[s], ref[s])
 
 
+def _collectives(trace):
+    """The c10d ops of a profiler trace, in the order the host issued them."""
+    ev = [e for e in json.load(open(trace))["traceEvents"]
+          if e.get("ph") == "X" and e.get("cat") == "cpu_op" and "c10d" in e["name"]]
+    return [e["name"] for e in sorted(ev, key=lambda e: e["ts"])]
+
+
 @pytest.mark.timeout(900)
 def test_compiled_layers_under_tensor_parallel(demo, tmp_path):
     """training.compile with TP2 (PEER's collectives inside the compiled layers, Megatron's
     TP linears kept eager): eager's losses, and Dynamo compiles once per layer kind (it
     recompiled every TP linear per shape before they were kept eager: 32 times here)."""
-    out = {}
+    out, calls = {}, {}
     for flag in ("false", "true"):
         run = str(tmp_path / f"tp2_{flag}")
         p = train(demo, run, ["parallel.tensor=2", "training.train_iters=4",
                               "training.eval_interval=0",  # no_grad compiles its own graphs
+                              "logging.profile_steps=[4,4]",
                               "checkpoint.save=false", f"training.compile={flag}"], nproc=2,
                   env={"TORCH_LOGS": "recompiles"})
         out[flag] = losses(run)
+        calls[flag] = [_collectives(os.path.join(run, "profile", f"trace_rank{r}.json"))
+                       for r in (0, 1)]
+    # Every collective runs eagerly, in eager's order, the same on both ranks: with PEER's
+    # inside inductor's graphs two H200 ranks issued different NCCL calls and hung.
+    assert calls["true"][0] == calls["true"][1] == calls["false"][0]
+    assert not any("functional" in c for c in calls["true"][0]) and len(calls["true"][0]) > 20
     recompiles = [ln for ln in p.stderr.splitlines()
                   if "[rank0]" in ln and "Recompiling function" in ln]
     # one layer kind (dense, PEER) is compiled first, the other recompiles the shared frame
