@@ -12,7 +12,8 @@ import torch
 from conftest import torchrun
 
 LAYOUTS_2 = ["tp2", "tp2sp", "pp2", "vpp2", "ep2", "dp2"]
-RELOAD = ["tp2", "tp2sp", "pp2", "vpp2", "ep2", "tp2ep2", "tp2spep2"]
+LAYOUTS_4 = ["tp2ep2", "tp2spep2", "tp2sppp2"]
+RELOAD = ["tp2", "tp2sp", "pp2", "vpp2", "ep2", *LAYOUTS_4]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def results(tmp_path_factory):
     torchrun("parallel_check.py", ["reference", str(out)], 1)
     torchrun("parallel_check.py", ["layouts", str(out), ",".join(LAYOUTS_2)], 2)
     layouts = json.loads((out / "layouts.json").read_text())
-    torchrun("parallel_check.py", ["layouts", str(out), "tp2ep2,tp2spep2"], 4)
+    torchrun("parallel_check.py", ["layouts", str(out), ",".join(LAYOUTS_4)], 4)
     layouts.update(json.loads((out / "layouts.json").read_text()))
     torchrun("parallel_check.py", ["reload", str(out), ",".join(RELOAD)], 1)
     return {"ref": json.loads((out / "reference.json").read_text()), "layouts": layouts,
@@ -29,7 +30,7 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("layout", LAYOUTS_2 + ["tp2ep2", "tp2spep2"])
+@pytest.mark.parametrize("layout", LAYOUTS_2 + LAYOUTS_4)
 def test_layout_matches_single_process(results, layout):
     ref, got = results["ref"], results["layouts"][layout]
     assert got["missing"] == []

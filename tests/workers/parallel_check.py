@@ -30,6 +30,7 @@ LAYOUTS = {
     "tp2ep2": ["parallel.tensor=2", "parallel.expert=2"],
     "tp2sp": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
     "tp2spep2": ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"],
+    "tp2sppp2": ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.pipeline=2"],
 }
 BASE = [
     "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
