@@ -67,7 +67,8 @@ def main():
         print(f"{name}: |out| {res[name][0]:.6g} |dx| {res[name][1]:.6g} |dU| {res[name][2]:.6g} "
               f"|dV| {res[name][3]:.6g} in {res[name][4]:.1f} s", flush=True)
     if len(res) == 2:
-        rel = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(res["compiled"][:4], res["eager"][:4]))
+        rel = max(abs(a - b) / max(abs(b), 1e-30)
+                  for a, b in zip(res["compiled"][:4], res["eager"][:4]))
         print(f"largest relative difference of the sums, compiled vs eager: {rel:.2e}")
 
 

@@ -1,5 +1,6 @@
 """Tensor (with and without sequence parallelism), pipeline (1F1B and interleaved), expert
-and data parallel layouts equal the single-process loss and gradients (fp32, CPU, gloo), and checkpoints reshard.
+and data parallel layouts equal the single-process loss and gradients (fp32, CPU, gloo),
+and checkpoints reshard.
 
 Tolerances: loss within 1e-5 relative; every gradient tensor within 1e-4 of the
 reference, relative to that tensor's largest entry (TP changes summation order).

@@ -9,9 +9,10 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from ..parallel import cpu_shims
+from ..parallel.cpu_shims import transformer_engine_available
 from .attention import KVDownProjection
 from .counts import padded_vocab_size
-from .layer_specs import attention_backend, block_spec, transformer_engine_available
+from .layer_specs import attention_backend, block_spec
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +189,9 @@ def keep_tp_linears_eager(layer) -> int:
 
     Under TP their autograd Function launches async collectives in backward, which Dynamo
     cannot trace: it broke the graph inside every linear and recompiled each one per
-    shape and class (32 recompiles for a 2-layer model on CPU), so compilation never
-    finished on two H200s. Kept eager, each linear is one clean graph break; the
-    elementwise work between them is still compiled.
+    shape and class (32 recompiles for a 2-layer model on CPU). Kept eager, each linear
+    is one clean graph break; the elementwise work between them is still compiled, and
+    no collective runs inside a compiled graph (PEER's are eager too: models/peer.py).
     """
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     n = 0
@@ -201,5 +202,5 @@ def keep_tp_linears_eager(layer) -> int:
     return n
 
 
-__all__ = ["build_model", "build_model_chunks", "compile_layers", "keep_tp_linears_eager", "padded_vocab_size",
+__all__ = ["build_model", "build_model_chunks", "compile_layers", "padded_vocab_size",
            "peer_modules", "transformer_config", "cpu_shims"]
