@@ -22,7 +22,13 @@ def debug_hooks():
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # USR1: checkpoint and stop
     every = os.environ.get("MEGAPEER_DUMP_STACKS_AFTER")
     if every:
-        faulthandler.dump_traceback_later(float(every), repeat=True)
+        try:
+            seconds = float(every)
+            assert seconds > 0
+        except (ValueError, AssertionError):
+            raise SystemExit(f"MEGAPEER_DUMP_STACKS_AFTER={every!r}: expected a positive "
+                             "number of seconds") from None
+        faulthandler.dump_traceback_later(seconds, repeat=True)
 
 
 def main(argv=None, prog="megapeer train"):

@@ -341,3 +341,10 @@ def test_sigusr2_prints_every_stack_and_the_run_goes_on():
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0 and out.strip() == "done", (p.returncode, out, err)
     assert "most recent call first" in err and "<string>" in err, err
+
+
+def test_bad_stack_dump_interval_is_named():
+    p = subprocess.run([sys.executable, "-m", "megapeer.train", "--config", "x.yaml"],
+                       capture_output=True, text=True, cwd=ROOT,
+                       env=_env({"MEGAPEER_DUMP_STACKS_AFTER": "ten"}), timeout=120)
+    assert p.returncode != 0 and "MEGAPEER_DUMP_STACKS_AFTER='ten'" in p.stderr, p.stderr
