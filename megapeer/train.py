@@ -24,10 +24,11 @@ def debug_hooks():
     if every:
         try:
             seconds = float(every)
-            assert seconds > 0
-        except (ValueError, AssertionError):
+        except ValueError:
+            seconds = 0.0
+        if not seconds > 0:
             raise SystemExit(f"MEGAPEER_DUMP_STACKS_AFTER={every!r}: expected a positive "
-                             "number of seconds") from None
+                             "number of seconds")
         faulthandler.dump_traceback_later(seconds, repeat=True)
 
 
