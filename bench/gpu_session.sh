@@ -120,16 +120,20 @@ if has resume; then
   timeout 240 python3 bench/resume_check.py --data /tmp/demo --steps 8 \
     training.use_distributed_optimizer=true 2>&1 | grep -v -i warn | tee "$OUT/resume.txt" | tail -8
 fi
-if has tpc; then  # compile under TP2 on GPUs (the layout model): per-step log, recompiles
+tp2_compiled() {  # run_dir [prefix command...]: the layout model, TP2, compiled, on 2 GPUs
+  local run_dir=$1; shift
   [[ -f /tmp/demo/tokenizer.model ]] || python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null
-  MODEL=$(python3 -c "from bench.train_throughput import GPU_100M as a, GPU_100M_PEER as b; print(*a, *b)")
-  MEGAPEER_ALLOW_TP_COMPILE=1 TORCH_LOGS=recompiles,graph_breaks timeout ${TPC_LIMIT:-240} python3 -m torch.distributed.run --standalone \
-    --nproc_per_node=2 -m megapeer.train --config examples/tiny_cpu.yaml $MODEL \
+  local model
+  model=$(python3 -c "from bench.train_throughput import GPU_100M as a, GPU_100M_PEER as b; print(*a, *b)")
+  MEGAPEER_ALLOW_TP_COMPILE=1 "$@" python3 -m torch.distributed.run --standalone \
+    --nproc_per_node=2 -m megapeer.train --config examples/tiny_cpu.yaml $model \
     model.peer.num_experts=[128,128] model.vocab_size=4096 data.tokenizer.path=/tmp/demo/tokenizer.model \
     data.blend=[/tmp/demo/stdlib_text_document] training.train_iters=${TPC_STEPS:-6} training.warmup_iters=2 \
-    training.eval_interval=0 logging.log_interval=1 logging.expert_usage_interval=0 logging.run_dir=/tmp/tpc \
-    checkpoint.save=false checkpoint.resume=none parallel.tensor=2 training.compile=true ${TPC_ARGS:-} \
-    > "$OUT/tpc.log" 2>&1
+    training.eval_interval=0 logging.log_interval=1 logging.expert_usage_interval=0 logging.run_dir=$run_dir \
+    checkpoint.save=false checkpoint.resume=none parallel.tensor=2 training.compile=true ${TPC_ARGS:-}
+}
+if has tpc; then  # compile under TP2 on GPUs (the layout model): per-step log, recompiles
+  tp2_compiled /tmp/tpc env TORCH_LOGS=recompiles,graph_breaks timeout ${TPC_LIMIT:-240} > "$OUT/tpc.log" 2>&1
   echo "tpc exit $?: $(grep -c Recompiling "$OUT/tpc.log") recompiles, $(grep -ci 'graph break' "$OUT/tpc.log") graph-break lines"
   grep -i "step \|tokens/s" "$OUT/tpc.log" | tail -8
   grep -B14 -m1 "Error:" "$OUT/tpc.log" | grep -v "__graph_breaks" | cut -c1-220
@@ -142,23 +146,15 @@ for ce in off on; do
     training.fused_cross_entropy=$([[ $ce == on ]] && echo true || echo false) ${CE_ARGS:-}
 done
 if has tpcdiag; then  # a hung compiled TP2 run: Python stacks (SIGUSR2) and py-spy of each rank
-  [[ -f /tmp/demo/tokenizer.model ]] || python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null
-  MODEL=$(python3 -c "from bench.train_throughput import GPU_100M as a, GPU_100M_PEER as b; print(*a, *b)")
-  MEGAPEER_ALLOW_TP_COMPILE=1 TORCH_LOGS=recompiles env ${DIAG_ENV:-} python3 -m torch.distributed.run --standalone \
-    --nproc_per_node=2 -m megapeer.train --config examples/tiny_cpu.yaml $MODEL \
-    model.peer.num_experts=[128,128] model.vocab_size=4096 data.tokenizer.path=/tmp/demo/tokenizer.model \
-    data.blend=[/tmp/demo/stdlib_text_document] training.train_iters=${TPC_STEPS:-6} training.warmup_iters=2 \
-    training.eval_interval=0 logging.log_interval=1 logging.expert_usage_interval=0 logging.run_dir=/tmp/tpcd \
-    checkpoint.save=false checkpoint.resume=none parallel.tensor=2 training.compile=true ${TPC_ARGS:-} \
-    > "$OUT/tpcdiag.log" 2>&1 &
-  launcher=$!
-  for _ in $(seq ${DIAG_WAIT:-90}); do sleep 1; kill -0 $launcher 2>/dev/null || break; done
-  for pid in $(pgrep -f "m megapeer.train --config" | grep -v "^$launcher$"); do
-    [[ $(ps -o ppid= -p "$pid" | tr -d ' ') == "$launcher" ]] || continue
+  tp2_compiled /tmp/tpcd env TORCH_LOGS=recompiles ${DIAG_ENV:-} > "$OUT/tpcdiag.log" 2>&1 &
+  job=$!
+  for _ in $(seq ${DIAG_WAIT:-90}); do sleep 1; kill -0 $job 2>/dev/null || break; done
+  launcher=$(pgrep -f "torch.distributed.run .*run_dir=/tmp/tpcd" | head -1)
+  for pid in $([[ -n $launcher ]] && pgrep -P "$launcher" -f "megapeer.train"); do
     kill -USR2 "$pid"; sleep 1
     timeout 30 /tmp/site/bin/py-spy dump --native --pid "$pid" > "$OUT/pyspy_$pid.txt" 2>&1
   done
-  sleep 3; kill -9 -- $(pgrep -P $launcher) $launcher 2>/dev/null
+  sleep 3; kill -9 -- $([[ -n $launcher ]] && pgrep -P "$launcher") $launcher $job 2>/dev/null
   echo "tpcdiag: $(grep -c 'step ' "$OUT/tpcdiag.log") step lines"; grep "step " "$OUT/tpcdiag.log" | tail -3
 fi
 if has eplabel; then  # one EP2 layout: PEER's labelled collectives in the profile

@@ -213,9 +213,10 @@ def _collectives(trace):
 
 @pytest.mark.timeout(900)
 def test_compiled_layers_under_tensor_parallel(demo, tmp_path):
-    """training.compile with TP2 (PEER's collectives inside the compiled layers, Megatron's
-    TP linears kept eager): eager's losses, and Dynamo compiles once per layer kind (it
-    recompiled every TP linear per shape before they were kept eager: 32 times here)."""
+    """training.compile with TP2 (Megatron's TP linears and PEER's collectives kept out of
+    the compiled graphs): eager's losses, eager's collectives, and Dynamo compiles once per
+    layer kind (it recompiled every TP linear per shape before they were kept eager: 32
+    times here)."""
     out, calls = {}, {}
     for flag in ("false", "true"):
         run = str(tmp_path / f"tp2_{flag}")
