@@ -5,7 +5,8 @@ combination is timed (triton.testing.do_bench, ms) and checked against the defau
 settings' result. The axpy is timed two ways: fp32 atomics into [T, d] (what the ops do),
 and one stored row per pair into [P, d] bf16 plus a per-token sum (deterministic; the time
 includes the sum). Shapes: the ~1.3B PEER layer of bench/train_throughput.py (m=16) and its
-wide (m=64) and wider (m=256) variants; --mc sweeps the column chunk of wide experts.
+wide (m=64) and wider (m=256) variants (wider_mb2: micro-batch 2); --mc sweeps the column
+chunk of wide experts.
 
   python3 bench/grouped_tune.py [--shapes reuse,wide] [--json out.json]
 """
@@ -22,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # T, d, experts, h, k, m
 SHAPES = {"reuse": (4096, 2048, 64 ** 2, 16, 32, 16),
           "wide": (4096, 2048, 32 ** 2, 8, 16, 64),
-          "wider": (4096, 2048, 16 ** 2, 4, 8, 256)}
+          "wider": (4096, 2048, 16 ** 2, 4, 8, 256),
+          "wider_mb2": (8192, 2048, 16 ** 2, 4, 8, 256)}   # micro-batch 2 of 4096
 KERNELS = ("dot", "axpy", "axpy_store", "scatter")
 DEV = "cuda"
 
@@ -35,6 +37,7 @@ def main():
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--mc", default="64", help="expert columns per chunk (wide experts)")
+    ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--json")
     args = ap.parse_args()
     import triton
@@ -47,7 +50,6 @@ def main():
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__, "results": []}
     print(out["device"], out["torch"], "triton", out["triton"], flush=True)
-    bm_default = pg.BM
     for shape in args.shapes.split(","):
         T, d, n_exp, h, k, m = SHAPES[shape]
         g = torch.Generator(device=DEV).manual_seed(0)
@@ -60,8 +62,7 @@ def main():
         hk, MB = h * k, pg._mb(m)
         for bm, mc in itertools.product(ints(args.bm), ints(args.mc)):
             mc = min(mc, MB)
-            pg.BM = bm
-            lay = torch.ops.megapeer.grouped_layout(idx, n_exp)
+            lay = torch.ops.megapeer.grouped_layout(idx, n_exp, bm)
             order, bexp, bstart, eoff, counts = lay
             nb = bexp.numel()
 
@@ -85,7 +86,7 @@ def main():
                     w, go, d, grad, order, eoff, counts, hk, m, d, BN=tile, **kw)
                 return grad
 
-            for kind in KERNELS:
+            for kind in args.kernels.split(","):
                 want = launch("axpy" if kind == "axpy_store" else kind, 64, 4, 3).float()
                 scale = want.abs().max().item()
                 for tile, warps, stages in itertools.product(ints(args.tiles), ints(args.warps),
@@ -101,7 +102,6 @@ def main():
                         row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
                     out["results"].append(row)
                     print(json.dumps(row), flush=True)
-        pg.BM = bm_default
     print("\nbest per shape and kernel (ms; default: BM 64, MC 64, tile 64, 4 warps, 3 stages; "
           "rel_err against tile 64, 4 warps, 3 stages at the same BM and MC)")
     best = {}

@@ -168,6 +168,22 @@ def measure_step(p, mod, warmup, reps):
             "transient_gib": (peak - base - p.table_bytes()) / GiB if peak else 0.0}
 
 
+PREV_WIDE = {"dot": dict(BM=64, BK=64, MC=128, num_warps=4, num_stages=3),   # call 9
+             "axpy": dict(BM=64, BN=128, MC=64, num_warps=8, num_stages=3),
+             "scatter": dict(BM=64, BN=128, MC=128, num_warps=8, num_stages=3)}
+
+
+def measure_prev(p, warmup, reps):
+    """The grouped path with the wide-expert settings it had before (64-pair blocks, fp32
+    atomics in the axpy), for a same-run comparison."""
+    saved = peer_grouped.TILES_WIDE, peer_grouped.WIDE_ROWS
+    peer_grouped.TILES_WIDE, peer_grouped.WIDE_ROWS = PREV_WIDE, False
+    try:
+        return measure_step(p, peer_grouped, warmup, reps)
+    finally:
+        peer_grouped.TILES_WIDE, peer_grouped.WIDE_ROWS = saved
+
+
 def measure_accum(p, mod, warmup, reps):
     """A training micro-batch's PEER work: fwd+bwd, then the table gradients into fp32
     main grads. Unfused: bf16 table gradients, then Megatron's add into main_grad. Fused:
@@ -251,7 +267,9 @@ def main():
     ap.add_argument("--no-variants", action="store_true")
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--paths", default="grouped",
-                    help="extra paths to time, comma-separated: grouped (Triton), gmm (torch._grouped_mm)")
+                    help="extra paths to time, comma-separated: grouped (Triton), gmm "
+                         "(torch._grouped_mm), grouped_prev (grouped with the launch settings "
+                         "and atomic axpy of call 9 for experts >= 128 wide)")
     ap.add_argument("--deterministic", action="store_true",
                     help="the kernels' deterministic forms (peer_cuda.set_deterministic)")
     ap.add_argument("--accumulate", action="store_true",
@@ -293,6 +311,10 @@ def main():
         if grouped_ok:
             res["grouped"] = measure_step(p, peer_grouped, args.warmup, args.reps)
             rows.append((size, "grouped (Triton)", res["grouped"], floor_fwd, floor_both, T))
+        if grouped_ok and "grouped_prev" in args.paths.split(",") and m >= 128:
+            res["grouped_prev"] = measure_prev(p, args.warmup, args.reps)
+            rows.append((size, "grouped (call-9 settings)", res["grouped_prev"], floor_fwd,
+                         floor_both, T))
         if gmm_ok and peer_gmm.supports(m, d, dtype, N, cuda):
             res["gmm"] = measure_step(p, peer_gmm, args.warmup, args.reps)
             rows.append((size, "gmm (grouped GEMM)", res["gmm"], floor_fwd, floor_both, T))

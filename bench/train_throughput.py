@@ -2,7 +2,10 @@
 
 Full steps (forward, backward, optimizer) through the same code the trainer uses,
 on random token ids (throughput does not depend on the text). MFU is measured
-against the bf16 matmul rate of this device, measured in the same run.
+against the bf16 matmul rate of this device, measured in the same run. Step time: the
+median over --steps steps timed with CUDA events, the host waiting for the GPU only where
+the step does (as in the trainer); "synced ms": the same steps with the loss read back
+after each (the method of the figures before 2026-11-29).
 
   python bench/train_throughput.py                 # GPU: ~1B dense MLA, MLA+PEER, baseline
   python bench/train_throughput.py --size 100m     # ~100M MLA+PEER, seq 2048 (foundation)
@@ -121,6 +124,14 @@ def _baseline_flops(cfg):
     return 3 * (L * per_layer + 2 * d * V)
 
 
+def _alloc_counts():
+    if not torch.cuda.is_available():
+        return {}
+    st = torch.cuda.memory_stats()
+    return {"cuda_mallocs": st.get("num_device_alloc", 0),
+            "alloc_retries": st.get("num_alloc_retries", 0)}
+
+
 def run_variant(name, overrides, steps, warmup, profile_dir=None, compile_mode=None):
     from megapeer.config import load_config
     from megapeer.models import build_model_chunks, flops_per_token, padded_vocab_size
@@ -165,14 +176,32 @@ def run_variant(name, overrides, steps, warmup, profile_dir=None, compile_mode=N
         step()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    times = []
+    alloc0 = _alloc_counts()
+    if torch.cuda.is_available():
+        # As the trainer runs: the host waits for the GPU only where the step itself does
+        # (the gradient norm); per-step times from CUDA events between the steps.
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        ev[0].record()
+        for i in range(steps):
+            loss = step()
+            ev[i + 1].record()
+        torch.cuda.synchronize()
+        times = sorted(a.elapsed_time(b) / 1e3 for a, b in zip(ev, ev[1:]))
+    else:
+        times = []
+    # the same steps with the loss read back after each (how the trainer ran before
+    # 2026-11-29, and this benchmark's figures before then)
+    synced = []
     for _ in range(steps):
         t0 = time.perf_counter()
         loss = step()
         float(loss)  # forces completion
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    dt = times[len(times) // 2]
+        synced.append(time.perf_counter() - t0)
+    # allocator work during the timed steps (cudaMalloc and retries synchronise the host)
+    alloc = {k: v - alloc0[k] for k, v in _alloc_counts().items()}
+    synced.sort()
+    dt_synced = synced[len(synced) // 2]
+    dt = times[len(times) // 2] if times else dt_synced
     summary = None
     if profile_dir:  # two more steps under torch.profiler: where the time goes
         from megapeer.training.profiling import StepProfiler
@@ -184,10 +213,11 @@ def run_variant(name, overrides, steps, warmup, profile_dir=None, compile_mode=N
     tokens = t.global_batch_size * S
     nparams = sum(p.numel() for c in chunks for p in c.parameters())
     res = {"variant": name, "params_M": nparams / 1e6, "step_s": dt, "tokens_per_s": tokens / dt,
+           "step_s_synced": dt_synced,
            "flops_per_token_G": fpt / 1e9, "tflops": fpt * tokens / dt / 1e12,
            "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30
                             if torch.cuda.is_available() else None), "loss": float(loss),
-           "profile": summary}
+           "profile": summary, **alloc}
     del ddp, chunks, opt
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -233,13 +263,13 @@ def main():
             print(format_summary(r["profile"], name), flush=True)
     print(f"\n{card}, bf16 matmul {rate:.0f} TFLOP/s measured" if rate else f"\n{card}")
     print(f"{'variant':16s} {'params':>9s} {'step ms':>8s} {'tok/s':>9s} {'GFLOP/tok':>9s} "
-          f"{'TFLOP/s':>8s} {'MFU':>6s} {'mem GiB':>8s}")
+          f"{'TFLOP/s':>8s} {'MFU':>6s} {'mem GiB':>8s} {'synced ms':>9s}")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] else "-"
         print(f"{r['variant']:16s} {r['params_M']:8.0f}M {1e3 * r['step_s']:8.1f} "
               f"{r['tokens_per_s']:9.0f} {r['flops_per_token_G']:9.2f} {r['tflops']:8.1f} "
-              f"{mfu:>6s} {mem:>8s}")
+              f"{mfu:>6s} {mem:>8s} {1e3 * r['step_s_synced']:9.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"card": card, "matmul_tflops": rate, "rows": rows}, f, indent=1)

@@ -88,3 +88,32 @@ def test_flag_survives_state_reload(world1, monkeypatch):
     assert O.use_fused_adam(Wrapped) and inner.state[p]["step"].dtype == torch.float32
     inner.step()
     assert float(inner.state[p]["step"]) == 3.0
+
+
+def test_grad_norm_without_per_tensor_host_reads(world1, monkeypatch):
+    """Without TE / apex the trainer replaces Megatron's local gradient-norm helper (one
+    host read-back per tensor) by torch's foreach norm: the same norm (fp32, 1e-6
+    relative, fresh random tensors of mixed shapes) and the same clipped training losses
+    (1e-6), with clipping active (clip_grad 0.05)."""
+    import torch
+    from megatron.core import utils as mutils
+    from megatron.core.optimizer import clip_grads
+    from megapeer.training import optimizer as O
+    assert O.sync_free_grad_norm() and clip_grads.l2_norm_impl is O.foreach_l2_norm
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    ts = [torch.randn(*s, generator=g) * torch.rand((), generator=g) * 10
+          for s in ((7,), (3, 5), (64, 33), (1,), (2, 3, 4))]
+    ours, _ = O.foreach_l2_norm(65536, None, [ts], False)   # as Megatron calls it
+    ref, _ = mutils.local_multi_tensor_l2_norm(65536, None, [ts], False)
+    exact = torch.cat([t.double().flatten() for t in ts]).norm()
+    assert ours.shape == (1,) and ours.dtype == torch.float32
+    assert abs(ours.item() - exact.item()) <= 1e-6 * exact.item()
+    assert abs(ours.item() - ref.item()) <= 1e-6 * exact.item()
+    clip = ["training.clip_grad=0.05"]
+    fast = _losses(world1, clip)
+    monkeypatch.setattr(O, "sync_free_grad_norm", lambda: False)
+    monkeypatch.setattr(clip_grads, "l2_norm_impl", mutils.local_multi_tensor_l2_norm)
+    slow = _losses(world1, clip)
+    assert len(fast) == len(slow) == 4
+    for a, b in zip(fast, slow):
+        assert abs(a - b) <= 1e-6 * abs(b), (fast, slow)

@@ -13,16 +13,21 @@ m table rows on tensor cores (`tl.dot`):
 
   dot      s[pairs]  = X[tokens] . U_e^T            per block, [BM, d] x [d, m]
   axpy     out[tok] += w[pairs] . V_e               per block, fp32 atomics into [T, d]
+                                                    (wide experts: one row per pair, summed)
   scatter  grad_e    = coef[pairs]^T . S[tokens]    per expert, all its blocks, no atomics
 
 Backward: gather_dot -> grad_x = axpy(grad_s, U), grad_U = scatter(grad_s, x);
 gather_axpy -> grad_V = scatter(w, grad_out), grad_w = dot(grad_out, V).
-The axpy sums with atomics, so its result is not bitwise repeatable; the others are. In
-deterministic mode (peer_cuda.set_deterministic or torch.use_deterministic_algorithms) the
-axpy writes one row per pair instead and torch sums them per token: repeatable, at the
-cost of a [pairs, DET_COLS] fp32 buffer and 17-47% more time per layer (H200, docs/kernels.md).
+For experts narrower than 128 the axpy sums with atomics, so its result is not bitwise
+repeatable; the others are. In deterministic mode (peer_cuda.set_deterministic or
+torch.use_deterministic_algorithms) that axpy writes one fp32 row per pair instead and
+torch sums them per token: repeatable, at the cost of a [pairs, DET_COLS] fp32 buffer and
+17-47% more time per layer (H200, docs/kernels.md). Experts of width >= 128 always take
+the row form, with rows in the input dtype (one rounding per pair, summed in fp32): there
+it beat the atomics (1.33 against 1.53 ms per call, H200) and repeats bitwise; its buffer
+is cut into column passes of at most ROWS_BYTES.
 m is padded to 16 inside the kernels (tensor-core tiles) and cut into chunks of MC columns;
-fp32 inputs use IEEE fp32 dots.
+fp32 inputs use IEEE fp32 dots. Blocks hold BM = 64 pairs, 128 for experts >= 128 wide.
 
 Select it with model.peer.kernel=grouped. It runs wherever Triton runs: CUDA GPUs, and
 the CPU under TRITON_INTERPRET=1 (how the tests check it against the reference).
@@ -37,16 +42,19 @@ from torch import Tensor
 
 from . import peer_ref
 
-BM = 64   # pairs per block (the layout's unit)
-# Launch settings per kernel: BK is the dot's d-chunk, BN the d-tile of axpy and scatter,
-# MC the expert columns per chunk (wider experts are cut into chunks of MC). Chosen with
+# Launch settings per kernel: BM the pairs per block (the layout's unit for the dot and
+# axpy, the scatter's step), BK the dot's d-chunk, BN the d-tile of axpy and scatter, MC
+# the expert columns per chunk (wider experts are cut into chunks of MC). Chosen with
 # bench/grouped_tune.py on an H200 (docs/kernels.md): experts up to 64 wide, then >= 128.
-TILES = {"dot": dict(BK=64, MC=64, num_warps=4, num_stages=3),
-         "axpy": dict(BN=64, MC=64, num_warps=4, num_stages=3),
-         "scatter": dict(BN=64, MC=64, num_warps=4, num_stages=3)}
-TILES_WIDE = {"dot": dict(BK=64, MC=128, num_warps=4, num_stages=3),
-              "axpy": dict(BN=128, MC=64, num_warps=8, num_stages=3),
-              "scatter": dict(BN=128, MC=128, num_warps=8, num_stages=3)}
+TILES = {"dot": dict(BM=64, BK=64, MC=64, num_warps=4, num_stages=3),
+         "axpy": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3),
+         "scatter": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3)}
+TILES_WIDE = {"dot": dict(BM=128, BK=64, MC=256, num_warps=8, num_stages=3),
+              "axpy": dict(BM=128, BN=256, MC=64, num_warps=8, num_stages=3),
+              "scatter": dict(BM=64, BN=128, MC=128, num_warps=8, num_stages=3)}
+ROWS_BYTES = 512 << 20   # the wide axpy's per-pair rows: column passes of at most this
+WIDE_ROWS = True         # False: wide experts' axpy with atomics too (bench/peer_kernel.py A/B)
+assert all(t["dot"]["BM"] == t["axpy"]["BM"] for t in (TILES, TILES_WIDE))   # one layout
 
 _kernels = None
 
@@ -63,40 +71,49 @@ def _k():
 
 
 @torch.library.custom_op("megapeer::grouped_layout", mutates_args=())
-def _layout_op(idx: Tensor, n_exp: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(token, expert) pairs sorted by expert and cut into blocks of BM pairs of one expert:
+def _layout_op(idx: Tensor, n_exp: int, bm: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(token, expert) pairs sorted by expert and cut into blocks of bm pairs of one expert:
     order [P] (pair ids by expert), block_expert [n_blocks] (-1 past the last block),
     block_start, expert_off, counts [n_exp]. Torch ops on the device, sized by upper bounds
-    (no host sync)."""
+    (no host sync: torch.bincount would read the largest id back to the host; the GPU
+    test runs this under torch.cuda.set_sync_debug_mode("error"))."""
     flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True).to(torch.int32)
-    counts = torch.bincount(flat, minlength=n_exp)[:n_exp].to(torch.int32)
-    expert_off = (torch.cumsum(counts, 0) - counts).to(torch.int32)
-    blocks = (counts + BM - 1) // BM
+    keys, order = torch.sort(flat, stable=True)
+    order = order.to(torch.int32)
+    bounds = torch.searchsorted(keys, torch.arange(n_exp + 1, device=idx.device, dtype=keys.dtype))
+    counts = (bounds[1:] - bounds[:-1]).to(torch.int32)
+    expert_off = bounds[:-1].to(torch.int32)
+    blocks = (counts + bm - 1) // bm
     block_end = torch.cumsum(blocks, 0)
     block_start = (block_end - blocks).to(torch.int32)
-    b = torch.arange(_n_blocks(flat.numel(), n_exp), device=idx.device)
+    b = torch.arange(_n_blocks(flat.numel(), n_exp, bm), device=idx.device)
     e = torch.searchsorted(block_end, b, right=True)
     block_expert = torch.where(e < n_exp, e, -1).to(torch.int32)
     return order, block_expert, block_start, expert_off, counts
 
 
 @_layout_op.register_fake
-def _(idx, n_exp):
+def _(idx, n_exp, bm):
     i32 = dict(dtype=torch.int32, device=idx.device)
-    return (idx.new_empty(idx.numel(), **i32), idx.new_empty(_n_blocks(idx.numel(), n_exp), **i32),
+    return (idx.new_empty(idx.numel(), **i32),
+            idx.new_empty(_n_blocks(idx.numel(), n_exp, bm), **i32),
             *(idx.new_empty(n_exp, **i32) for _ in range(3)))
 
 
-def _n_blocks(P: int, n_exp: int) -> int:
-    return (P + BM - 1) // BM + n_exp    # upper bound: each expert's last block may be short
+def _n_blocks(P: int, n_exp: int, bm: int) -> int:
+    return (P + bm - 1) // bm + n_exp    # upper bound: each expert's last block may be short
 
 
-def _layout_of(idx: Tensor, n_exp: int) -> tuple:
-    return tuple(torch.ops.megapeer.grouped_layout(idx, n_exp))
+def _layout_of(idx: Tensor, key: tuple) -> tuple:
+    n_exp, bm = key
+    return tuple(torch.ops.megapeer.grouped_layout(idx, n_exp, bm))
 
 
-_layout = peer_ref.LayoutCache(_layout_of)   # one sort per layer step (eager and compiled)
+_cache = peer_ref.LayoutCache(_layout_of)   # one sort per layer step (eager and compiled)
+
+
+def _layout(idx: Tensor, n_exp: int, m: int) -> tuple:
+    return _cache(idx, (n_exp, _tiles("dot", m)["BM"]))
 
 
 def _mb(m: int) -> int:
@@ -128,7 +145,7 @@ def _dot_op(x: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_ex
     t = _tiles("dot", m)
     dot_kernel[(block_expert.numel(), _mb(m) // t["MC"])](
         x, x.stride(0), tab, tab.stride(0), s, order, block_expert, block_start, expert_off,
-        counts, _hk(idx), m, d, BM=BM, MB=_mb(m), IEEE=x.dtype == torch.float32, **t)
+        counts, _hk(idx), m, d, MB=_mb(m), IEEE=x.dtype == torch.float32, **t)
     return s
 
 
@@ -148,24 +165,36 @@ def _axpy_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_e
     w = w.contiguous()
     T, d, hk = idx.shape[0], tab.shape[1], _hk(idx)
     lay = (order, block_expert, block_start, expert_off, counts)
-    kw = dict(BM=BM, MB=_mb(m), IEEE=tab.dtype == torch.float32, **_tiles("axpy", m))
-    if not _deterministic():
-        out = torch.zeros(T, d, dtype=torch.float32, device=tab.device)   # atomics sum into it
-        axpy_kernel[(block_expert.numel(), triton.cdiv(d, kw["BN"]))](
-            w, tab, tab.stride(0), out, *lay, hk, m, d, STORE=False, **kw)
-        return out.to(tab.dtype)
-    # Deterministic: each pair's row is written by one program (no atomics), then summed
-    # per token by torch in a fixed order; DET_COLS columns at a time.
-    out = torch.empty(T, d, dtype=torch.float32, device=tab.device)
-    cols = min(d, DET_COLS)
-    buf = torch.empty(T * hk * cols, dtype=torch.float32, device=tab.device)
+    kw = dict(MB=_mb(m), IEEE=tab.dtype == torch.float32, **_tiles("axpy", m))
+    if _mb(m) >= 128 and WIDE_ROWS:   # rows in the input dtype, passes of <= ROWS_BYTES
+        cols = ROWS_BYTES // max(1, T * hk * tab.element_size()) // kw["BN"] * kw["BN"]
+        return _axpy_rows(axpy_kernel, triton, w, tab, lay, T, hk, m, d, kw, tab.dtype,
+                          max(kw["BN"], cols))
+    if _deterministic():
+        return _axpy_rows(axpy_kernel, triton, w, tab, lay, T, hk, m, d, kw, torch.float32,
+                          DET_COLS)
+    out = torch.zeros(T, d, dtype=torch.float32, device=tab.device)   # atomics sum into it
+    axpy_kernel[(block_expert.numel(), triton.cdiv(d, kw["BN"]))](
+        w, tab, tab.stride(0), out, *lay, hk, m, d, STORE=False, **kw)
+    return out.to(tab.dtype)
+
+
+def _axpy_rows(axpy_kernel, triton, w, tab, lay, T, hk, m, d, kw, row_dtype, cols):
+    """The axpy without atomics: each pair's row is written by one program, then torch sums
+    them per token (in fp32, one rounding) in a fixed order; `cols` columns per pass."""
+    cols = min(d, cols)
+    buf = torch.empty(T * hk * cols, dtype=row_dtype, device=tab.device)
+    out = None if cols == d and row_dtype == tab.dtype else tab.new_empty((T, d))
     for c0 in range(0, d, cols):
         wc = min(cols, d - c0)
         rows = buf[:T * hk * wc].view(T * hk, wc)
-        axpy_kernel[(block_expert.numel(), triton.cdiv(wc, kw["BN"]))](
+        axpy_kernel[(lay[1].numel(), triton.cdiv(wc, kw["BN"]))](
             w, tab[:, c0:c0 + wc], tab.stride(0), rows, *lay, hk, m, wc, STORE=True, **kw)
-        out[:, c0:c0 + wc] = rows.view(T, hk, wc).sum(1)
-    return out.to(tab.dtype)
+        part = rows.view(T, hk, wc).sum(1)   # bf16 rows: summed in fp32, one rounding
+        if out is None:
+            return part
+        out[:, c0:c0 + wc] = part
+    return out
 
 
 def _deterministic() -> bool:
@@ -191,7 +220,7 @@ def _scatter_op(coef: Tensor, idx: Tensor, src: Tensor, n_rows: int, m: int, ord
     grad = torch.empty(n_rows, d, dtype=src.dtype, device=src.device)
     t = _tiles("scatter", m)
     scatter_kernel[(n_exp, triton.cdiv(d, t["BN"]), _mb(m) // t["MC"])](
-        coef, src, src.stride(0), grad, order, expert_off, counts, _hk(idx), m, d, BM=BM,
+        coef, src, src.stride(0), grad, order, expert_off, counts, _hk(idx), m, d,
         MB=_mb(m), IEEE=src.dtype == torch.float32, **t)
     return grad
 
@@ -245,12 +274,12 @@ def available():
 
 def gather_dot(x: Tensor, idx: Tensor, U: Tensor, m: int = 1) -> Tensor:
     idx = idx if idx.dtype == torch.long else idx.long()
-    return torch.ops.megapeer.grouped_dot(x, idx, U, int(m), *_layout(idx, U.shape[0] // m))
+    return torch.ops.megapeer.grouped_dot(x, idx, U, int(m), *_layout(idx, U.shape[0] // m, m))
 
 
 def gather_axpy(w: Tensor, idx: Tensor, V: Tensor, m: int = 1) -> Tensor:
     idx = idx if idx.dtype == torch.long else idx.long()
-    return torch.ops.megapeer.grouped_axpy(w, idx, V, int(m), *_layout(idx, V.shape[0] // m))
+    return torch.ops.megapeer.grouped_axpy(w, idx, V, int(m), *_layout(idx, V.shape[0] // m, m))
 
 
 def peer_experts(x, idx, gates, U, V, act, m: int = 1):

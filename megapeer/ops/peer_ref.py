@@ -49,22 +49,22 @@ def peer_experts(x, idx, gates, U, V, act, m: int = 1):
 
 
 class LayoutCache:
-    """compute(idx, n_exp) -> a layout (the pairs sorted by expert), kept for the latest
+    """compute(idx, key) -> a layout (the pairs sorted by expert), kept for the latest
     eager call: a PEER layer's forward dot and axpy get the same idx tensor and share one
     sort (the backward ops reuse what autograd saved). Under torch.compile it computes
     afresh and the graph's common-subexpression pass does the sharing."""
 
     def __init__(self, compute):
         self.compute = compute
-        self.last = None   # (weakref to idx, its version, n_exp, layout)
+        self.last = None   # (weakref to idx, its version, key, layout)
 
-    def __call__(self, idx: torch.Tensor, n_exp: int):
+    def __call__(self, idx: torch.Tensor, key):
         if torch.compiler.is_compiling():
-            return self.compute(idx, n_exp)
+            return self.compute(idx, key)
         c = self.last
-        if c is not None and c[0]() is idx and c[1] == idx._version and c[2] == n_exp:
+        if c is not None and c[0]() is idx and c[1] == idx._version and c[2] == key:
             return c[3]
-        lay = self.compute(idx, n_exp)
-        self.last = (weakref.ref(idx), idx._version, n_exp, lay)
+        lay = self.compute(idx, key)
+        self.last = (weakref.ref(idx), idx._version, key, lay)
         return lay
 

@@ -60,6 +60,7 @@ class _SignalFlag:
 
     def __init__(self, enabled):
         self.signum = 0
+        self._pending = None
         if enabled:
             for s in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(s, self._handle)
@@ -68,10 +69,26 @@ class _SignalFlag:
         self.signum = signum
 
     def any_rank(self) -> int:
-        t = torch.tensor([self.signum], dtype=torch.int64, device=device())
-        if torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return int(t.item())
+        """The largest signal any rank received: the same answer on every rank. With
+        several ranks on GPUs it is the answer as of the previous call (one step late), so
+        that reading it never makes the host wait for the GPU."""
+        if torch.distributed.get_world_size() == 1:
+            return self.signum
+        t = torch.full((1,), self.signum, dtype=torch.int64, device=device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        if not t.is_cuda:
+            return int(t.item())
+        seen = 0
+        if self._pending is not None:   # the previous step's result, copied long ago
+            host, done = self._pending
+            done.synchronize()
+            seen = int(host[0])
+        host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._pending = (host, done)
+        return seen
 
 
 def _fault_steps():
@@ -214,12 +231,12 @@ def train(cfg):
             optimizer.zero_grad()
             loss = forward_backward(ddp, train_iters, n_micro, m.seq_length,
                                     t.micro_batch_size)
-            loss = float(loss)
             if (it + 1) in faults:
                 _poison_grads(ddp)
-            stepped, grad_norm = (False, float("nan"))
-            if math.isfinite(loss):
-                stepped, grad_norm = optimizer_step(optimizer, t.clip_grad)
+            # Skipped when the gradient norm is not finite (a NaN / Inf loss makes NaN
+            # gradients). The loss stays on the device until it is logged: reading it
+            # every step made the host wait for the GPU (bench/sync_check.py).
+            stepped, grad_norm = optimizer_step(optimizer, t.clip_grad)
         if stepped:
             scheduler.step(increment=1)
             nonfinite_run = 0
@@ -227,7 +244,7 @@ def train(cfg):
             nonfinite_run += 1
             state["skipped_steps"] += 1
             log.warning("step %d: non-finite loss %.4g or grad norm %.4g: update skipped "
-                        "(%d in a row)", it + 1, loss, grad_norm, nonfinite_run)
+                        "(%d in a row)", it + 1, float(loss), grad_norm, nonfinite_run)
             if nonfinite_run >= t.max_consecutive_nonfinite:
                 raise NonFiniteError(
                     f"{nonfinite_run} consecutive non-finite steps (training."
@@ -241,7 +258,7 @@ def train(cfg):
             dt = (time.time() - window_t0) / window_steps
             tps = tokens_per_step / dt
             metrics.log_step(it, {
-                "loss": loss, "lr": current_lr(optimizer), "grad_norm": grad_norm,
+                "loss": float(loss), "lr": current_lr(optimizer), "grad_norm": grad_norm,
                 "tokens_per_s": tps, "step_time_s": dt,
                 "mfu": (flops_tok * tps / (world * peak)) if peak else None,
                 "tokens": it * tokens_per_step, "skipped_steps": state["skipped_steps"],

@@ -28,10 +28,31 @@ def build_optimizer(chunks, t, dtype, distributed=None):
     if t.peer_weight_decay is not None and t.peer_weight_decay != t.weight_decay:
         overrides[ParamKey(attr="peer_table")] = ParamGroupOverride(
             wd_mult=t.peer_weight_decay / t.weight_decay)
+    sync_free_grad_norm()
     opt = get_megatron_optimizer(cfg, chunks, config_overrides=overrides)
     opt.megapeer_fused_adam = bool(t.fused_adam)
     use_fused_adam(opt)
     return opt
+
+
+def sync_free_grad_norm() -> bool:
+    """Without Transformer Engine or apex, Megatron's gradient norm uses its local helper
+    (utils.local_multi_tensor_l2_norm), which reads every tensor's norm back to the host:
+    one GPU synchronisation per parameter tensor per step. Use torch's foreach norm
+    (torch.nn.utils.get_total_norm) instead: the same value, computed on the device;
+    Megatron's one read-back of the total remains. Returns whether it was installed."""
+    from megatron.core import utils as mutils
+    from megatron.core.optimizer import clip_grads
+    if clip_grads.l2_norm_impl is mutils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = foreach_l2_norm
+    return clip_grads.l2_norm_impl is foreach_l2_norm
+
+
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for Megatron's local_multi_tensor_l2_norm: (the l2 norm of all tensors as
+    a float32 tensor of shape [1], None)."""
+    tensors = [t for group in tensor_lists for t in group]
+    return torch.nn.utils.get_total_norm(tensors, 2.0).float().reshape(1), None
 
 
 def _fusable(p) -> bool:

@@ -46,9 +46,8 @@ def run(case, dev):
     return errs
 
 
-def bf16_errors(dev):
+def bf16_errors(dev, T=512, d=256, n=64, m=16, h=4, k=16):
     """{grad: (grouped bf16 error, reference bf16 error)}, both against fp32."""
-    T, d, n, m, h, k = 512, 256, 64, 16, 4, 16
     g = torch.Generator().manual_seed(7)
     idx = torch.randint(0, n, (T, h, k), generator=g).to(dev)
     base = [torch.randn(T, d, generator=g), torch.randn(n * m, d, generator=g) * d ** -0.5,
@@ -71,36 +70,74 @@ def bf16_errors(dev):
     return res
 
 
-def deterministic(dev):
-    """Deterministic mode: the per-pair axpy (several column passes, the last one narrower)
-    against the reference, and bitwise repeatability of every output (on a GPU the atomic
-    axpy would not repeat)."""
-    from megapeer.ops import peer_cuda
-    T, d, n, m, h, k = 64, 80, 4, 16, 4, 8     # 80 columns: passes of 32, 32 and 16
-    g = torch.Generator().manual_seed(11)
+def _repeats(dev, shape, seed):
+    """Reference, then the grouped path twice, on fresh inputs of `shape`: per output, the
+    error against the reference and the largest difference between the two repeats."""
+    T, d, n, m, h, k = shape
+    g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, n, (T, h, k), generator=g).to(dev)
     base = [torch.randn(T, d, generator=g), torch.randn(n * m, d, generator=g),
             torch.randn(n * m, d, generator=g), torch.randn(T, h, k, generator=g).softmax(-1)]
     go = torch.randn(T, d, generator=g).to(dev)
-    saved = peer_grouped.DET_COLS
-    peer_cuda.set_deterministic(True)
-    peer_grouped.DET_COLS = 32
-    try:
-        runs = []
-        for mod in (peer_ref, peer_grouped, peer_grouped):
-            leaves = [t.to(dev).requires_grad_() for t in base]
-            y = mod.peer_experts(leaves[0], idx, leaves[3], leaves[1], leaves[2], F.gelu, m)
-            y.backward(go)
-            runs.append([y.detach()] + [t.grad for t in leaves])
-    finally:
-        peer_cuda.set_deterministic(False)
-        peer_grouped.DET_COLS = saved
+    runs = []
+    for mod in (peer_ref, peer_grouped, peer_grouped):
+        leaves = [t.to(dev).requires_grad_() for t in base]
+        y = mod.peer_experts(leaves[0], idx, leaves[3], leaves[1], leaves[2], F.gelu, m)
+        y.backward(go)
+        runs.append([y.detach()] + [t.grad for t in leaves])
     res = {}
     for i, nm in enumerate(["out", "x", "U", "V", "gates"]):
         r, a, b = (run[i].cpu() for run in runs)
         res[nm] = float((a - r).abs().max() / r.abs().max())
         res[nm + "_repeat"] = float((a - b).abs().max())   # must be exactly 0
     return res
+
+
+def deterministic(dev):
+    """Deterministic mode: the per-pair axpy (several column passes, the last one narrower)
+    against the reference, and bitwise repeatability of every output (on a GPU the atomic
+    axpy would not repeat)."""
+    from megapeer.ops import peer_cuda
+    saved = peer_grouped.DET_COLS
+    peer_cuda.set_deterministic(True)
+    peer_grouped.DET_COLS = 32
+    try:   # 80 columns: passes of 32, 32 and 16
+        return _repeats(dev, (64, 80, 4, 16, 4, 8), 11)
+    finally:
+        peer_cuda.set_deterministic(False)
+        peer_grouped.DET_COLS = saved
+
+
+def wide_rows(dev):
+    """Experts >= 128 wide: the axpy writes one row per pair in column passes (ROWS_BYTES
+    made tiny: passes of 256, 256 and 88 columns), outside deterministic mode: reference
+    values and bitwise-equal repeats."""
+    saved = peer_grouped.ROWS_BYTES
+    peer_grouped.ROWS_BYTES = 1
+    try:
+        return _repeats(dev, (24, 600, 3, 128, 2, 2), 13)
+    finally:
+        peer_grouped.ROWS_BYTES = saved
+
+
+def host_syncs(dev):
+    """A forward + backward under torch.cuda.set_sync_debug_mode("error"): the error text
+    of the first operation that would wait for the GPU, or "" (no host sync)."""
+    T, d, n, m, h, k = CASES["m16"]
+    leaves = [torch.randn(T, d, device=dev, requires_grad=True),
+              *(torch.randn(n * m, d, device=dev, requires_grad=True) for _ in range(2)),
+              torch.rand(T, h, k, device=dev, requires_grad=True)]
+    idx = torch.randint(0, n, (T, h, k), device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = peer_grouped.peer_experts(leaves[0], idx, leaves[3], leaves[1], leaves[2], F.gelu, m)
+        y.backward(torch.ones_like(y))
+        return ""
+    except RuntimeError as e:
+        return str(e)[:300]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def layout_calls(dev):
@@ -132,8 +169,12 @@ def main():
     res["dispatch"] = {"out": float((a - b).abs().max() / b.abs().max())}
     res["layout_calls"] = layout_calls(dev)
     res["deterministic"] = deterministic(dev)
+    res["wide_rows"] = wide_rows(dev)
     if dev == "cuda":
+        res["host_syncs"] = host_syncs(dev)
         res["bf16"] = bf16_errors(dev)
+        # experts 128 wide (the row-form axpy, 128-pair blocks), ~512 pairs per expert
+        res["bf16_wide"] = bf16_errors(dev, T=512, d=512, n=8, m=128, h=2, k=4)
     print(json.dumps(res))
     return 0
 
