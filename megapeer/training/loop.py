@@ -326,10 +326,10 @@ def _log_model_summary(cfg, chunks):
     from ..models import param_counts
     from .. models.layer_specs import attention_backend
     m = cfg.model
-    if cfg.training.fused_cross_entropy:
-        from ..parallel.cpu_shims import transformer_engine_available
+    tc = chunks[0].config   # what models/gpt.py chose
+    if tc.cross_entropy_loss_fusion:
         log.info("cross-entropy: fused (%s, training.fused_cross_entropy)",
-                 "Transformer Engine" if transformer_engine_available()
+                 "Transformer Engine" if tc.cross_entropy_fusion_impl == "te"
                  else "Megatron's native kernel")
     pc = param_counts(m, padded_vocab_size(m, 1))
     log.info("model: %d layers (%s), %.2fM params total, %.2fM active per token, "
