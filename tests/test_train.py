@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, torchrun
 
 STEPS = 16
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
@@ -349,3 +349,13 @@ def test_bad_stack_dump_interval_is_named():
                        capture_output=True, text=True, cwd=ROOT,
                        env=_env({"MEGAPEER_DUMP_STACKS_AFTER": "ten"}), timeout=120)
     assert p.returncode != 0 and "MEGAPEER_DUMP_STACKS_AFTER='ten'" in p.stderr, p.stderr
+
+
+def test_stop_flag_agrees_across_ranks_one_step_late():
+    """The stop flag (SIGTERM / SIGUSR1) on two ranks: a signal on rank 1 before the third
+    step is seen by both ranks at the fourth (read one step late, so that it never waits
+    for the GPU); with one rank it is seen at once (tests above)."""
+    p = torchrun("signal_flag_check.py", [], nproc=2, timeout=120)
+    seen = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
+    assert sorted(r["rank"] for r in seen) == [0, 1]
+    assert all(r["seen"] == [0, 0, 0, 10, 10] for r in seen), seen

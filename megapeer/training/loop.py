@@ -70,24 +70,27 @@ class _SignalFlag:
 
     def any_rank(self) -> int:
         """The largest signal any rank received: the same answer on every rank. With
-        several ranks on GPUs it is the answer as of the previous call (one step late), so
-        that reading it never makes the host wait for the GPU."""
+        several ranks it is the answer of the previous call (one step late): this step's
+        all-reduce is read at the next, so that reading it never makes the host wait for
+        the GPU (on GPUs the result comes back by an asynchronous copy)."""
         if torch.distributed.get_world_size() == 1:
             return self.signum
+        seen = 0
+        if self._pending is not None:
+            host, done = self._pending
+            if done is not None:
+                done.synchronize()   # recorded a step ago: long passed
+            seen = int(host[0])
         t = torch.full((1,), self.signum, dtype=torch.int64, device=device())
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        if not t.is_cuda:
-            return int(t.item())
-        seen = 0
-        if self._pending is not None:   # the previous step's result, copied long ago
-            host, done = self._pending
-            done.synchronize()
-            seen = int(host[0])
-        host = torch.empty(1, dtype=torch.int64, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        self._pending = (host, done)
+        if t.is_cuda:
+            host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._pending = (host, done)
+        else:
+            self._pending = (t, None)   # gloo's all-reduce has finished
         return seen
 
 
