@@ -115,6 +115,18 @@ if has parity; then
     ${PARITY_ARGS:-} 2>&1 | grep -v -i warn | tail -8
 fi
 has ktest && timeout 200 python3 -m pytest -q -x tests/test_peer_kernel.py 2>&1 | tail -4
+if has sync; then  # synchronising call sites of the trainer (~100M MLA+PEER, 12 steps)
+  [[ -f /tmp/demo/tokenizer.model ]] || python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null
+  model=$(python3 -c "from bench.train_throughput import GPU_100M as a, GPU_100M_PEER as b; print(*a, *b)")
+  timeout ${SYNC_LIMIT:-150} python3 bench/sync_check.py --config examples/tiny_cpu.yaml $model \
+    model.vocab_size=4096 data.tokenizer.path=/tmp/demo/tokenizer.model \
+    data.blend=[/tmp/demo/stdlib_text_document] training.train_iters=12 training.warmup_iters=2 \
+    training.eval_interval=0 training.micro_batch_size=4 training.global_batch_size=8 \
+    training.deterministic=false logging.log_interval=4 logging.expert_usage_interval=4 \
+    checkpoint.save=false checkpoint.resume=none logging.run_dir=/tmp/sync ${SYNC_ARGS:-} \
+    > "$OUT/sync.log" 2>&1
+  echo "sync_check exit $?"; grep -A25 "synchronising call sites" "$OUT/sync.log" | cut -c1-200
+fi
 if has resume; then
   python3 -m megapeer.data.demo --out /tmp/demo --max-mb 2 >/dev/null
   timeout 240 python3 bench/resume_check.py --data /tmp/demo --steps 8 \
