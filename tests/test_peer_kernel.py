@@ -335,6 +335,32 @@ def test_peer_experts_end_to_end_bf16():
 
 
 @gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_no_host_synchronisation(deterministic):
+    """The fused expert step, forward + backward (with and without the main_grad
+    accumulators), never makes the host wait for the GPU: run under
+    torch.cuda.set_sync_debug_mode("error"), which raises at any synchronising call."""
+    T, h, k, N, d = 256, 4, 8, 1024, 256
+    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    idx = torch.randint(0, N, (T, h, k), device="cuda")
+    gates = torch.rand(T, h, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    U, V = (torch.randn(N, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    acc = [torch.zeros(N, d, device="cuda") for _ in range(2)]
+    torch.cuda.synchronize()
+    peer_cuda.set_deterministic(deterministic)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        peer_cuda.peer_experts(x, idx, gates, U, V, F.gelu).sum().backward()
+        peer_ref.expert_step(lambda a, i, t, m: peer_cuda.gather_dot(a, i, t, m, acc=acc[0]),
+                             lambda a, i, t, m: peer_cuda.gather_axpy(a, i, t, m, acc=acc[1]),
+                             x, idx, gates, U, V, F.gelu, 1).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        peer_cuda.set_deterministic(False)
+
+
+@gpu
 def test_dispatch_picks_fused_on_cuda():
     ok, why = dispatch.kernel_status()
     assert ok, why

@@ -24,6 +24,14 @@ def param_dtype(training_cfg) -> torch.dtype:
     return torch.bfloat16 if p == "bf16" else torch.float32
 
 
+def fused_cross_entropy_impl(training_cfg) -> str | None:
+    """training.fused_cross_entropy: Transformer Engine's kernel ("te") where TE is
+    importable, else Megatron's compiled one ("native"); None when off."""
+    if training_cfg is None or not training_cfg.fused_cross_entropy:
+        return None
+    return "te" if transformer_engine_available() else "native"
+
+
 def transformer_config(model_cfg, parallel_cfg, training_cfg=None) -> MLATransformerConfig:
     """Megatron's config from our sections (MLA + parallel + precision + recompute)."""
     m, a, p = model_cfg, model_cfg.mla, parallel_cfg
@@ -31,10 +39,9 @@ def transformer_config(model_cfg, parallel_cfg, training_cfg=None) -> MLATransfo
     recompute = training_cfg.recompute if training_cfg is not None else "none"
     on_cpu = not torch.cuda.is_available()
     kw = {}
-    if training_cfg is not None and training_cfg.fused_cross_entropy:
-        # Transformer Engine's kernel where TE is importable, else Megatron's compiled one
-        kw.update(cross_entropy_loss_fusion=True,
-                  cross_entropy_fusion_impl="te" if transformer_engine_available() else "native")
+    ce = fused_cross_entropy_impl(training_cfg)
+    if ce:
+        kw.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl=ce)
     if recompute == "full":
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":

@@ -11,7 +11,7 @@ from megatron.core import parallel_state as ps
 from ..config import config_to_dict, layer_kinds
 from ..models import (build_model_chunks, compile_layers, flops_per_token, padded_vocab_size,
                       peer_modules)
-from ..models.gpt import param_dtype, transformer_config
+from ..models.gpt import fused_cross_entropy_impl, param_dtype, transformer_config
 from ..parallel import device, init_distributed, init_model_parallel
 from . import checkpointing as ckpt
 from .profiling import StepProfiler
@@ -329,11 +329,10 @@ def _log_model_summary(cfg, chunks):
     from ..models import param_counts
     from .. models.layer_specs import attention_backend
     m = cfg.model
-    tc = chunks[0].config   # what models/gpt.py chose
-    if tc.cross_entropy_loss_fusion:
+    ce = fused_cross_entropy_impl(cfg.training)
+    if ce:
         log.info("cross-entropy: fused (%s, training.fused_cross_entropy)",
-                 "Transformer Engine" if tc.cross_entropy_fusion_impl == "te"
-                 else "Megatron's native kernel")
+                 "Transformer Engine" if ce == "te" else "Megatron's native kernel")
     pc = param_counts(m, padded_vocab_size(m, 1))
     log.info("model: %d layers (%s), %.2fM params total, %.2fM active per token, "
              "%.2fM in PEER tables; attention: %s", m.num_layers, "".join(layer_kinds(m)),
