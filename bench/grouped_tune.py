@@ -40,6 +40,10 @@ def main():
     ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--json")
     args = ap.parse_args()
+    for flag, given, known in (("--kernels", args.kernels, KERNELS), ("--shapes", args.shapes, SHAPES)):
+        unknown = set(given.split(",")) - set(known)
+        if unknown:
+            ap.error(f"{flag}: unknown {sorted(unknown)}; choose from {', '.join(known)}")
     import triton
     import triton.testing
 
