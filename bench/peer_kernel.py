@@ -277,6 +277,9 @@ def main():
                          "unfused (Megatron's add) and fused into the backward kernels")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    unknown = set(args.paths.split(",")) - {"grouped", "gmm", "grouped_prev", ""}
+    if unknown:
+        ap.error(f"--paths: unknown {sorted(unknown)}; choose from grouped, gmm, grouped_prev")
     peer_cuda.set_deterministic(args.deterministic)
 
     cuda = torch.cuda.is_available()
