@@ -1,9 +1,14 @@
 """Worker for tests/test_train.py: the trainer's stop flag over two gloo ranks.
 
-Rank 1 "receives" SIGUSR1 (10) before the third call. Every rank prints the answers of
-five calls as JSON: the flag is read one call late on several ranks, the same on each.
+Rank 1 "receives" SIGUSR1 (10) before the third call. Every rank writes the answers of
+five calls to OUT_DIR/rank<r>.json (files: the ranks' stdout lines interleave): the flag
+is read one call late on several ranks, the same on each.
+
+    torchrun --nproc_per_node=2 tests/workers/signal_flag_check.py OUT_DIR
 """
 import json
+import os
+import sys
 
 import torch.distributed as dist
 
@@ -18,7 +23,8 @@ def main():
         if call == 2 and dist.get_rank() == 1:
             flag.signum = 10
         seen.append(flag.any_rank())
-    print(json.dumps({"rank": dist.get_rank(), "seen": seen}), flush=True)
+    with open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.json"), "w") as f:
+        json.dump({"rank": dist.get_rank(), "seen": seen}, f)
     dist.destroy_process_group()
 
 
