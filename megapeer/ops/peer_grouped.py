@@ -168,20 +168,19 @@ def _axpy_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_e
     kw = dict(MB=_mb(m), IEEE=tab.dtype == torch.float32, **_tiles("axpy", m))
     if _mb(m) >= 128 and WIDE_ROWS:   # rows in the input dtype, passes of <= ROWS_BYTES
         cols = ROWS_BYTES // max(1, T * hk * tab.element_size()) // kw["BN"] * kw["BN"]
-        return _axpy_rows(axpy_kernel, triton, w, tab, lay, T, hk, m, d, kw, tab.dtype,
-                          max(kw["BN"], cols))
+        return _axpy_rows(w, tab, lay, T, hk, m, d, kw, tab.dtype, max(kw["BN"], cols))
     if _deterministic():
-        return _axpy_rows(axpy_kernel, triton, w, tab, lay, T, hk, m, d, kw, torch.float32,
-                          DET_COLS)
+        return _axpy_rows(w, tab, lay, T, hk, m, d, kw, torch.float32, DET_COLS)
     out = torch.zeros(T, d, dtype=torch.float32, device=tab.device)   # atomics sum into it
     axpy_kernel[(block_expert.numel(), triton.cdiv(d, kw["BN"]))](
         w, tab, tab.stride(0), out, *lay, hk, m, d, STORE=False, **kw)
     return out.to(tab.dtype)
 
 
-def _axpy_rows(axpy_kernel, triton, w, tab, lay, T, hk, m, d, kw, row_dtype, cols):
+def _axpy_rows(w, tab, lay, T, hk, m, d, kw, row_dtype, cols):
     """The axpy without atomics: each pair's row is written by one program, then torch sums
     them per token (in fp32, one rounding) in a fixed order; `cols` columns per pass."""
+    triton, _, axpy_kernel, _ = _k()
     cols = min(d, cols)
     buf = torch.empty(T * hk * cols, dtype=row_dtype, device=tab.device)
     out = None if cols == d and row_dtype == tab.dtype else tab.new_empty((T, d))
