@@ -2,7 +2,8 @@
 
 For each shape, block size BM (pairs per block) and kernel, every tile / warps / stages
 combination is timed (triton.testing.do_bench, ms) and checked against the default
-settings' result. The axpy is timed two ways: fp32 atomics into [T, d] (what the ops do),
+settings' result, in the LOCAL grid order and (--local 0,1) the order before it. The axpy
+is timed two ways: fp32 atomics into [T, d] (what the ops do),
 and one stored row per pair into [P, d] bf16 plus a per-token sum (deterministic; the time
 includes the sum). Shapes: the ~1.3B PEER layer of bench/train_throughput.py (m=16) and its
 wide (m=64) and wider (m=256) variants (wider_mb2: micro-batch 2); --mc sweeps the column
@@ -37,6 +38,8 @@ def main():
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--mc", default="64", help="expert columns per chunk (wide experts)")
+    ap.add_argument("--local", default="1", help="grid orders of axpy and scatter: 1 LOCAL "
+                    "(a block's / expert's programs in a row), 0 the order before it")
     ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -70,7 +73,7 @@ def main():
             order, bexp, bstart, eoff, counts = lay
             nb = bexp.numel()
 
-            def launch(kind, tile, warps, stages):
+            def launch(kind, tile, warps, stages, local=True):
                 kw = dict(num_warps=warps, num_stages=stages, BM=bm, MB=MB, MC=mc, IEEE=False)
                 if kind == "dot":
                     s = torch.empty(T, h, k, m, **bf)
@@ -81,26 +84,29 @@ def main():
                     store = kind == "axpy_store"
                     o = (torch.empty(T * hk, d, **bf) if store
                          else torch.zeros(T, d, device=DEV, dtype=torch.float32))
-                    pk.peer_grouped_axpy[(nb, triton.cdiv(d, tile))](
-                        w, U, d, o, order, bexp, bstart, eoff, counts, hk, m, d, BN=tile,
-                        STORE=store, **kw)
+                    pk.peer_grouped_axpy[(nb * triton.cdiv(d, tile),)](
+                        w, U, d, o, order, bexp, bstart, eoff, counts, hk, m, d, nb, BN=tile,
+                        STORE=store, LOCAL=local, **kw)
                     return o.view(T, hk, d).sum(1) if store else o.to(torch.bfloat16)
                 grad = torch.empty(n_exp * m, d, **bf)
-                pk.peer_grouped_scatter[(n_exp, triton.cdiv(d, tile), MB // mc)](
-                    w, go, d, grad, order, eoff, counts, hk, m, d, BN=tile, **kw)
+                pk.peer_grouped_scatter[(n_exp * triton.cdiv(d, tile) * (MB // mc),)](
+                    w, go, d, grad, order, eoff, counts, hk, m, d, n_exp, BN=tile,
+                    LOCAL=local, **kw)
                 return grad
 
             for kind in args.kernels.split(","):
                 want = launch("axpy" if kind == "axpy_store" else kind, 64, 4, 3).float()
                 scale = want.abs().max().item()
-                for tile, warps, stages in itertools.product(ints(args.tiles), ints(args.warps),
-                                                            ints(args.stages)):
+                locals_ = [True] if kind == "dot" else [bool(v) for v in ints(args.local)]
+                for tile, warps, stages, local in itertools.product(
+                        ints(args.tiles), ints(args.warps), ints(args.stages), locals_):
                     row = dict(shape=shape, BM=bm, MB=MB, MC=mc, kernel=kind, tile=tile,
-                               warps=warps, stages=stages)
+                               warps=warps, stages=stages, local=local)
                     try:
-                        err = (launch(kind, tile, warps, stages).float() - want).abs().max().item()
+                        got = launch(kind, tile, warps, stages, local)
+                        err = (got.float() - want).abs().max().item()
                         row["ms"] = triton.testing.do_bench(
-                            lambda: launch(kind, tile, warps, stages), warmup=10, rep=50)
+                            lambda: launch(kind, tile, warps, stages, local), warmup=10, rep=50)
                         row["rel_err"] = err / scale
                     except Exception as e:  # e.g. out of shared memory for this tile
                         row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
@@ -120,8 +126,7 @@ def main():
         base = default.get(key, {}).get("ms")
         print(f"  {key[0]:6s} {key[1]:10s} default {base if base is None else round(base, 3)} "
               f"best {r['ms']:.3f} (BM {r['BM']}, MC {r['MC']}, tile {r['tile']}, "
-              f"warps {r['warps']}, "
-              f"stages {r['stages']}, rel_err {r['rel_err']:.1e})")
+              f"warps {r['warps']}, stages {r['stages']}, local {r['local']}, rel_err {r['rel_err']:.1e})")
     out["best"] = [dict(r) for r in best.values()]
     if args.json:
         with open(args.json, "w") as f:

@@ -54,6 +54,7 @@ SIZES = {
     # 16^2 of width 256, h=4, k=8)
     "wide": (4096, 2048, 32 ** 2, 8, 16, 64),
     "wider": (4096, 2048, 16 ** 2, 4, 8, 256),
+    "wider_mb2": (8192, 2048, 16 ** 2, 4, 8, 256),   # micro-batch 2 of 4096 tokens
     # the same active neurons per token with fewer experts (<= 1023: torch._grouped_mm's
     # limit), for the gmm / grouped crossover by width
     "m128": (4096, 2048, 512, 8, 8, 128),
@@ -168,20 +169,19 @@ def measure_step(p, mod, warmup, reps):
             "transient_gib": (peak - base - p.table_bytes()) / GiB if peak else 0.0}
 
 
-PREV_WIDE = {"dot": dict(BM=64, BK=64, MC=128, num_warps=4, num_stages=3),   # call 9
-             "axpy": dict(BM=64, BN=128, MC=64, num_warps=8, num_stages=3),
-             "scatter": dict(BM=64, BN=128, MC=128, num_warps=8, num_stages=3)}
+def _unlocal(tiles):
+    return {k: {**v, "LOCAL": False} if "LOCAL" in v else v for k, v in tiles.items()}
 
 
 def measure_prev(p, warmup, reps):
-    """The grouped path with the wide-expert settings it had before (64-pair blocks, fp32
-    atomics in the axpy), for a same-run comparison."""
-    saved = peer_grouped.TILES_WIDE, peer_grouped.WIDE_ROWS
-    peer_grouped.TILES_WIDE, peer_grouped.WIDE_ROWS = PREV_WIDE, False
+    """The grouped path with its launch order before LOCAL (3071fe4: each d-tile's wave of
+    programs re-reads the gathered rows), for a same-run comparison."""
+    saved = peer_grouped.TILES, peer_grouped.TILES_WIDE
+    peer_grouped.TILES, peer_grouped.TILES_WIDE = _unlocal(saved[0]), _unlocal(saved[1])
     try:
         return measure_step(p, peer_grouped, warmup, reps)
     finally:
-        peer_grouped.TILES_WIDE, peer_grouped.WIDE_ROWS = saved
+        peer_grouped.TILES, peer_grouped.TILES_WIDE = saved
 
 
 def measure_accum(p, mod, warmup, reps):
@@ -268,8 +268,8 @@ def main():
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--paths", default="grouped",
                     help="extra paths to time, comma-separated: grouped (Triton), gmm "
-                         "(torch._grouped_mm), grouped_prev (grouped with the launch settings "
-                         "and atomic axpy of call 9 for experts >= 128 wide)")
+                         "(torch._grouped_mm), grouped_prev (grouped in the launch order before "
+                         "LOCAL, 3071fe4)")
     ap.add_argument("--deterministic", action="store_true",
                     help="the kernels' deterministic forms (peer_cuda.set_deterministic)")
     ap.add_argument("--accumulate", action="store_true",
@@ -314,9 +314,9 @@ def main():
         if grouped_ok:
             res["grouped"] = measure_step(p, peer_grouped, args.warmup, args.reps)
             rows.append((size, "grouped (Triton)", res["grouped"], floor_fwd, floor_both, T))
-        if grouped_ok and "grouped_prev" in args.paths.split(",") and m >= 128:
+        if grouped_ok and "grouped_prev" in args.paths.split(","):
             res["grouped_prev"] = measure_prev(p, args.warmup, args.reps)
-            rows.append((size, "grouped (call-9 settings)", res["grouped_prev"], floor_fwd,
+            rows.append((size, "grouped (order before LOCAL)", res["grouped_prev"], floor_fwd,
                          floor_both, T))
         if gmm_ok and peer_gmm.supports(m, d, dtype, N, cuda):
             res["gmm"] = measure_step(p, peer_gmm, args.warmup, args.reps)

@@ -7,7 +7,8 @@ multiples of the tiles, one token choosing one expert in every slot, x a column 
 one sort of the pairs per forward + backward (the layout is shared by the 6 kernel calls);
 and deterministic mode (the axpy without atomics, in column passes): reference values and
 bitwise-equal repeats; the same for experts >= 128 wide outside deterministic mode (their
-axpy always writes one row per pair). On a GPU: no host synchronisation in a forward +
+axpy always writes one row per pair); the axpy and scatter in their other grid order
+(LOCAL off, a benchmark's comparison). On a GPU: no host synchronisation in a forward +
 backward (torch.cuda.set_sync_debug_mode("error")).
 On a CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set for the worker
 process only). Tolerance: 1e-5 relative to the reference's largest magnitude (fp32 with

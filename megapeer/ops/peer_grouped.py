@@ -46,12 +46,13 @@ from . import peer_ref
 # axpy, the scatter's step), BK the dot's d-chunk, BN the d-tile of axpy and scatter, MC
 # the expert columns per chunk (wider experts are cut into chunks of MC). Chosen with
 # bench/grouped_tune.py on an H200 (docs/kernels.md): experts up to 64 wide, then >= 128.
+# LOCAL: the 1-D grid order of axpy and scatter (peer_grouped_kernels.py).
 TILES = {"dot": dict(BM=64, BK=64, MC=64, num_warps=4, num_stages=3),
-         "axpy": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3),
-         "scatter": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3)}
+         "axpy": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3, LOCAL=True),
+         "scatter": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3, LOCAL=True)}
 TILES_WIDE = {"dot": dict(BM=128, BK=64, MC=256, num_warps=8, num_stages=3),
-              "axpy": dict(BM=128, BN=256, MC=64, num_warps=8, num_stages=3),
-              "scatter": dict(BM=64, BN=128, MC=128, num_warps=8, num_stages=3)}
+              "axpy": dict(BM=128, BN=256, MC=64, num_warps=8, num_stages=3, LOCAL=True),
+              "scatter": dict(BM=64, BN=128, MC=128, num_warps=8, num_stages=3, LOCAL=True)}
 ROWS_BYTES = 512 << 20   # the wide axpy's per-pair rows: column passes of at most this
 WIDE_ROWS = True         # False: wide experts' axpy with atomics too (bench/peer_kernel.py A/B)
 assert all(t["dot"]["BM"] == t["axpy"]["BM"] for t in (TILES, TILES_WIDE))   # one layout
@@ -172,8 +173,9 @@ def _axpy_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_e
     if _deterministic():
         return _axpy_rows(w, tab, lay, T, hk, m, d, kw, torch.float32, DET_COLS)
     out = torch.zeros(T, d, dtype=torch.float32, device=tab.device)   # atomics sum into it
-    axpy_kernel[(block_expert.numel(), triton.cdiv(d, kw["BN"]))](
-        w, tab, tab.stride(0), out, *lay, hk, m, d, STORE=False, **kw)
+    nb = block_expert.numel()
+    axpy_kernel[(nb * triton.cdiv(d, kw["BN"]),)](
+        w, tab, tab.stride(0), out, *lay, hk, m, d, nb, STORE=False, **kw)
     return out.to(tab.dtype)
 
 
@@ -187,8 +189,9 @@ def _axpy_rows(w, tab, lay, T, hk, m, d, kw, row_dtype, cols):
     for c0 in range(0, d, cols):
         wc = min(cols, d - c0)
         rows = buf[:T * hk * wc].view(T * hk, wc)
-        axpy_kernel[(lay[1].numel(), triton.cdiv(wc, kw["BN"]))](
-            w, tab[:, c0:c0 + wc], tab.stride(0), rows, *lay, hk, m, wc, STORE=True, **kw)
+        nb = lay[1].numel()
+        axpy_kernel[(nb * triton.cdiv(wc, kw["BN"]),)](
+            w, tab[:, c0:c0 + wc], tab.stride(0), rows, *lay, hk, m, wc, nb, STORE=True, **kw)
         part = rows.view(T, hk, wc).sum(1)   # bf16 rows: summed in fp32, one rounding
         if out is None:
             return part
@@ -218,8 +221,8 @@ def _scatter_op(coef: Tensor, idx: Tensor, src: Tensor, n_rows: int, m: int, ord
     d = src.shape[1]
     grad = torch.empty(n_rows, d, dtype=src.dtype, device=src.device)
     t = _tiles("scatter", m)
-    scatter_kernel[(n_exp, triton.cdiv(d, t["BN"]), _mb(m) // t["MC"])](
-        coef, src, src.stride(0), grad, order, expert_off, counts, _hk(idx), m, d,
+    scatter_kernel[(n_exp * triton.cdiv(d, t["BN"]) * (_mb(m) // t["MC"]),)](
+        coef, src, src.stride(0), grad, order, expert_off, counts, _hk(idx), m, d, n_exp,
         MB=_mb(m), IEEE=src.dtype == torch.float32, **t)
     return grad
 

@@ -3,6 +3,9 @@
 Each block holds up to BM (token, expert) pairs of one expert, sorted by expert; offsets
 are int64. m is padded to MB >= 16 (tensor-core tiles) and masked; wide experts are cut
 into chunks of MC <= MB columns (grid axis of the dot and scatter, a loop in the axpy).
+The axpy and scatter run on a 1-D grid; with LOCAL the programs that share a block's
+(axpy) or an expert's (scatter) gathered rows are consecutive, so those rows are read from
+memory once and then from L2 (without it, each d-tile's wave re-reads them all).
 """
 import triton
 import triton.language as tl
@@ -46,11 +49,18 @@ def peer_grouped_dot(x, ldx, tab, ldt, s, order, block_expert, block_start, expe
 
 @triton.jit
 def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, expert_off,
-                      counts, hk, m, d, BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
-                      MC: tl.constexpr, IEEE: tl.constexpr, STORE: tl.constexpr):
-    e, pair, tok, valid = _block(tl.program_id(0), order, block_expert, block_start,
-                                 expert_off, counts, hk, BM)
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
+                      counts, hk, m, d, n_blocks, BM: tl.constexpr, MB: tl.constexpr,
+                      BN: tl.constexpr, MC: tl.constexpr, IEEE: tl.constexpr,
+                      STORE: tl.constexpr, LOCAL: tl.constexpr):
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(d, BN)
+    if LOCAL:   # a block's d-tiles in a row: its coef rows come from L2 after the first
+        b, nt = pid // n_tiles, pid % n_tiles
+    else:
+        b, nt = pid % n_blocks, pid // n_blocks
+    e, pair, tok, valid = _block(b, order, block_expert, block_start, expert_off, counts,
+                                 hk, BM)
+    n = nt * BN + tl.arange(0, BN)
     nm = n < d
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for j0 in range(0, MB, MC):
@@ -72,13 +82,20 @@ def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, exp
                       sem="relaxed")  # a plain reduction: no ordering needed
 
 @triton.jit
-def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m, d,
+def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m, d, n_exp,
                          BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
-                         MC: tl.constexpr, IEEE: tl.constexpr):
-    e = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(2) * MC + tl.arange(0, MC)
+                         MC: tl.constexpr, IEEE: tl.constexpr, LOCAL: tl.constexpr):
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(d, BN)
+    if LOCAL:   # an expert's (d-tile, chunk) programs in a row: its rows stay in L2
+        e, rest = pid // (n_tiles * (MB // MC)), pid % (n_tiles * (MB // MC))
+        nt, jc = rest % n_tiles, rest // n_tiles
+    else:
+        e, nt, jc = pid % n_exp, (pid // n_exp) % n_tiles, pid // (n_exp * n_tiles)
+    e = e.to(tl.int64)
+    j = jc * MC + tl.arange(0, MC)
     jv = j < m
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    n = nt * BN + tl.arange(0, BN)
     nm = n < d
     cnt = tl.load(counts + e)
     off = tl.load(expert_off + e)
@@ -98,3 +115,4 @@ def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m,
             acc += tl.dot(tl.trans(c), sx)
     tl.store(grad + (e * m + j)[:, None] * d + n[None, :], acc.to(grad.dtype.element_ty),
              mask=jv[:, None] & nm[None, :])
+

@@ -120,6 +120,18 @@ def wide_rows(dev):
         peer_grouped.ROWS_BYTES = saved
 
 
+def unlocal(dev):
+    """The axpy and scatter in the grid order before LOCAL (bench/peer_kernel.py's
+    grouped_prev): the same values, narrow and chunked wide experts."""
+    saved = peer_grouped.TILES, peer_grouped.TILES_WIDE
+    peer_grouped.TILES, peer_grouped.TILES_WIDE = (
+        {k: {**v, "LOCAL": False} if "LOCAL" in v else v for k, v in t.items()} for t in saved)
+    try:
+        return {c: run(c, dev) for c in ("m16", "m100_chunked")}
+    finally:
+        peer_grouped.TILES, peer_grouped.TILES_WIDE = saved
+
+
 def host_syncs(dev):
     """A forward + backward under torch.cuda.set_sync_debug_mode("error"): the error text
     of the first operation that would wait for the GPU, or "" (no host sync)."""
@@ -170,6 +182,8 @@ def main():
     res["layout_calls"] = layout_calls(dev)
     res["deterministic"] = deterministic(dev)
     res["wide_rows"] = wide_rows(dev)
+    for c, errs in unlocal(dev).items():
+        res[f"unlocal_{c}"] = errs
     if dev == "cuda":
         res["host_syncs"] = host_syncs(dev)
         res["bf16"] = bf16_errors(dev)
