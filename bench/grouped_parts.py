@@ -1,13 +1,16 @@
 """The grouped PEER kernels one by one against torch._grouped_mm forms, on a GPU.
 
 For one layer shape, times (triton.testing.do_bench, ms; TFLOP/s of the 2*P*m*d GEMM):
-  axpy     Triton row form + per-token sum (what ops/peer_grouped.py runs), Triton fp32
+  axpy     Triton row form + per-token sum (what ops/peer_grouped.py runs; then with
+           other ROWS_BYTES, the row buffer's cap per column pass), Triton fp32
            atomics, and torch._grouped_mm on the expert-sorted coefficients (rows in
            sorted order) + a gather-sum kernel (defined here); parts timed alone
   scatter  Triton (gathered rows) against torch._grouped_mm over copies of the rows in
            sorted order (groups along the reduced dimension)
   dot      Triton (gathered token rows) against torch._grouped_mm over a sorted copy
-Each alternative is checked against the first form (max error / max magnitude).
+and variants ("v:") of the Triton scatter and axpy defined here: coefficients read from a
+copy in sorted order, the scatter's coefficient tile loaded transposed, the axpy's rows
+stored in sorted order (then the gather-sum). Each alternative is checked against the first form (max error / max magnitude).
 
   python3 bench/grouped_parts.py [--shapes wider_mb2,wider] [--json out.json]
 """
@@ -192,8 +195,20 @@ def main():
                 SORTED_ROWS=sorted_rows, num_warps=warps, num_stages=3)
             return gather_sum(rows) if sorted_rows else rows.view(T, hk, d).sum(1)
 
+        def axpy_rows_bytes(n):
+            saved = pg.ROWS_BYTES
+            pg.ROWS_BYTES = n
+            try:
+                return torch.ops.megapeer.grouped_axpy(w, idx, U, m, *lay)
+            finally:
+                pg.ROWS_BYTES = saved
+
         forms = {
             "axpy": [("triton rows + sum", lambda: torch.ops.megapeer.grouped_axpy(w, idx, U, m, *lay)),
+                     ("rows <= 256 MiB a pass", lambda: axpy_rows_bytes(256 << 20)),
+                     ("rows <= 512 MiB a pass", lambda: axpy_rows_bytes(512 << 20)),
+                     ("rows <= 1 GiB a pass", lambda: axpy_rows_bytes(1 << 30)),
+                     ("rows <= 2 GiB a pass", lambda: axpy_rows_bytes(2 << 30)),
                      ("triton fp32 atomics", axpy_atomic),
                      ("gmm sorted + gather-sum", axpy_gmm),
                      ("  part: permute coef", lambda: w.view(P, m).index_select(0, order64)),

@@ -53,7 +53,7 @@ TILES = {"dot": dict(BM=64, BK=64, MC=64, num_warps=4, num_stages=3),
 TILES_WIDE = {"dot": dict(BM=128, BK=64, MC=256, num_warps=8, num_stages=3),
               "axpy": dict(BM=128, BN=256, MC=64, num_warps=8, num_stages=3, LOCAL=True),
               "scatter": dict(BM=64, BN=128, MC=128, num_warps=8, num_stages=3, LOCAL=True)}
-ROWS_BYTES = 512 << 20   # the wide axpy's per-pair rows: column passes of at most this
+ROWS_BYTES = 1 << 30   # the wide axpy's per-pair rows: column passes of at most this
 WIDE_ROWS = True         # False: wide experts' axpy with atomics too (bench/peer_kernel.py A/B)
 assert all(t["dot"]["BM"] == t["axpy"]["BM"] for t in (TILES, TILES_WIDE))   # one layout
 
