@@ -149,7 +149,6 @@ def main():
         x = torch.randn(T, d, generator=g, **bf)
         U = torch.randn(E * m, d, generator=g, **bf) * 0.02
         w = torch.randn(T, h, k, m, generator=g, **bf)
-        go = torch.randn(T, d, generator=g, **bf)
         idx = torch.randint(0, E, (T, h, k), generator=g, device=dev)
         hk, P = h * k, T * h * k
         lay = pg._layout(idx, E, m)
