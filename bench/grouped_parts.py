@@ -5,12 +5,14 @@ For one layer shape, times (triton.testing.do_bench, ms; TFLOP/s of the 2*P*m*d 
            other ROWS_BYTES, the row buffer's cap per column pass), Triton fp32
            atomics, and torch._grouped_mm on the expert-sorted coefficients (rows in
            sorted order) + a gather-sum kernel (defined here); parts timed alone
-  scatter  Triton (gathered rows) against torch._grouped_mm over copies of the rows in
-           sorted order (groups along the reduced dimension)
+  scatter  Triton (gathered rows; then with PREFETCH off and on: the pair ids loaded a
+           step ahead) against torch._grouped_mm over copies of the rows in sorted
+           order (groups along the reduced dimension)
   dot      Triton (gathered token rows) against torch._grouped_mm over a sorted copy
 and variants ("v:") of the Triton scatter and axpy defined here: coefficients read from a
 copy in sorted order, the scatter's coefficient tile loaded transposed, the axpy's rows
-stored in sorted order (then the gather-sum); for experts >= 256 wide. Each alternative is checked against the first form (max error / max magnitude).
+stored in sorted order (then the gather-sum); for experts >= 256 wide. Each alternative
+is checked against the first form (max error / max magnitude).
 
   python3 bench/grouped_parts.py [--shapes wider_mb2,wider] [--json out.json]
 """
@@ -208,6 +210,15 @@ def main():
             finally:
                 pg.ROWS_BYTES = saved
 
+        def scatter_prefetch(on):
+            saved = pg.TILES_WIDE, pg.TILES
+            pg.TILES_WIDE, pg.TILES = ({k: {**v, "PREFETCH": on} if k == "scatter" else v
+                                        for k, v in t.items()} for t in saved)
+            try:
+                return torch.ops.megapeer.grouped_scatter(w, idx, x, E * m, m, *lay)
+            finally:
+                pg.TILES_WIDE, pg.TILES = saved
+
         forms = {
             "axpy": [("triton rows + sum", lambda: torch.ops.megapeer.grouped_axpy(w, idx, U, m, *lay)),
                      ("rows <= 256 MiB a pass", lambda: axpy_rows_bytes(256 << 20)),
@@ -225,6 +236,8 @@ def main():
                      ("v: coef+rows sorted bn128", lambda: av(True, True, bn=128)),
                      ("v: coef+rows sorted mc128", lambda: av(True, True, bn=128, mc=128))],
             "scatter": [("triton", lambda: torch.ops.megapeer.grouped_scatter(w, idx, x, E * m, m, *lay)),
+                        ("triton, PREFETCH off", lambda: scatter_prefetch(False)),
+                        ("triton, PREFETCH on", lambda: scatter_prefetch(True)),
                         ("gmm over sorted copies", lambda: torch._grouped_mm(
                             w.view(P, m).index_select(0, order64).t(), x.index_select(0, tok_sorted),
                             offs=offs).view(E * m, d)),

@@ -40,6 +40,8 @@ def main():
     ap.add_argument("--mc", default="64", help="expert columns per chunk (wide experts)")
     ap.add_argument("--local", default="1", help="grid orders of axpy and scatter: 1 LOCAL "
                     "(a block's / expert's programs in a row), 0 the order before it")
+    ap.add_argument("--prefetch", default="0", help="the scatter's pair ids loaded one step "
+                    "ahead: 0, 1 or 0,1")
     ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -73,7 +75,7 @@ def main():
             order, bexp, bstart, eoff, counts = lay
             nb = bexp.numel()
 
-            def launch(kind, tile, warps, stages, local=True):
+            def launch(kind, tile, warps, stages, local=True, prefetch=False):
                 kw = dict(num_warps=warps, num_stages=stages, BM=bm, MB=MB, MC=mc, IEEE=False)
                 if kind == "dot":
                     s = torch.empty(T, h, k, m, **bf)
@@ -91,22 +93,23 @@ def main():
                 grad = torch.empty(n_exp * m, d, **bf)
                 pk.peer_grouped_scatter[(n_exp * triton.cdiv(d, tile) * (MB // mc),)](
                     w, go, d, grad, order, eoff, counts, hk, m, d, n_exp, BN=tile,
-                    LOCAL=local, **kw)
+                    LOCAL=local, PREFETCH=prefetch, **kw)
                 return grad
 
             for kind in args.kernels.split(","):
                 want = launch("axpy" if kind == "axpy_store" else kind, 64, 4, 3).float()
                 scale = want.abs().max().item()
                 locals_ = [True] if kind == "dot" else [bool(v) for v in ints(args.local)]
-                for tile, warps, stages, local in itertools.product(
-                        ints(args.tiles), ints(args.warps), ints(args.stages), locals_):
+                prefetches = [bool(v) for v in ints(args.prefetch)] if kind == "scatter" else [False]
+                for tile, warps, stages, local, pf in itertools.product(
+                        ints(args.tiles), ints(args.warps), ints(args.stages), locals_, prefetches):
                     row = dict(shape=shape, BM=bm, MB=MB, MC=mc, kernel=kind, tile=tile,
-                               warps=warps, stages=stages, local=local)
+                               warps=warps, stages=stages, local=local, prefetch=pf)
                     try:
-                        got = launch(kind, tile, warps, stages, local)
+                        got = launch(kind, tile, warps, stages, local, pf)
                         err = (got.float() - want).abs().max().item()
                         row["ms"] = triton.testing.do_bench(
-                            lambda: launch(kind, tile, warps, stages, local), warmup=10, rep=50)
+                            lambda: launch(kind, tile, warps, stages, local, pf), warmup=10, rep=50)
                         row["rel_err"] = err / scale
                     except Exception as e:  # e.g. out of shared memory for this tile
                         row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
@@ -126,7 +129,8 @@ def main():
         base = default.get(key, {}).get("ms")
         print(f"  {key[0]:6s} {key[1]:10s} default {base if base is None else round(base, 3)} "
               f"best {r['ms']:.3f} (BM {r['BM']}, MC {r['MC']}, tile {r['tile']}, "
-              f"warps {r['warps']}, stages {r['stages']}, local {r['local']}, rel_err {r['rel_err']:.1e})")
+              f"warps {r['warps']}, stages {r['stages']}, local {r['local']}, "
+              f"prefetch {r['prefetch']}, rel_err {r['rel_err']:.1e})")
     out["best"] = [dict(r) for r in best.values()]
     if args.json:
         with open(args.json, "w") as f:

@@ -174,7 +174,7 @@ def _unlocal(tiles):
 
 
 def measure_prev(p, warmup, reps):
-    """The grouped path with its launch order before LOCAL (3071fe4: each d-tile's wave of
+    """The grouped path with LOCAL off (the launch order before it: each d-tile's wave of
     programs re-reads the gathered rows), for a same-run comparison."""
     saved = peer_grouped.TILES, peer_grouped.TILES_WIDE
     peer_grouped.TILES, peer_grouped.TILES_WIDE = _unlocal(saved[0]), _unlocal(saved[1])
@@ -268,8 +268,8 @@ def main():
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--paths", default="grouped",
                     help="extra paths to time, comma-separated: grouped (Triton), gmm "
-                         "(torch._grouped_mm), grouped_prev (grouped in the launch order before "
-                         "LOCAL, 3071fe4)")
+                         "(torch._grouped_mm), grouped_prev (grouped with LOCAL off: the launch "
+                         "order before it)")
     ap.add_argument("--deterministic", action="store_true",
                     help="the kernels' deterministic forms (peer_cuda.set_deterministic)")
     ap.add_argument("--accumulate", action="store_true",

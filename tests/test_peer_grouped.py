@@ -8,7 +8,8 @@ one sort of the pairs per forward + backward (the layout is shared by the 6 kern
 and deterministic mode (the axpy without atomics, in column passes): reference values and
 bitwise-equal repeats; the same for experts >= 128 wide outside deterministic mode (their
 axpy always writes one row per pair); the axpy and scatter in their other grid order
-(LOCAL off, a benchmark's comparison). On a GPU: no host synchronisation in a forward +
+(LOCAL off) and the scatter with its pair ids loaded a step ahead (PREFETCH): the
+benchmarks' comparisons. On a GPU: no host synchronisation in a forward +
 backward (torch.cuda.set_sync_debug_mode("error")).
 On a CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set for the worker
 process only). Tolerance: 1e-5 relative to the reference's largest magnitude (fp32 with

@@ -46,13 +46,16 @@ from . import peer_ref
 # axpy, the scatter's step), BK the dot's d-chunk, BN the d-tile of axpy and scatter, MC
 # the expert columns per chunk (wider experts are cut into chunks of MC). Chosen with
 # bench/grouped_tune.py on an H200 (docs/kernels.md): experts up to 64 wide, then >= 128.
-# LOCAL: the 1-D grid order of axpy and scatter (peer_grouped_kernels.py).
+# LOCAL: the 1-D grid order of axpy and scatter; PREFETCH: the scatter loads its pair ids
+# a step ahead (peer_grouped_kernels.py; H200, docs/benchmarks.md calls 34 and 40).
 TILES = {"dot": dict(BM=64, BK=64, MC=64, num_warps=4, num_stages=3),
          "axpy": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3, LOCAL=True),
-         "scatter": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3, LOCAL=True)}
+         "scatter": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3, LOCAL=True,
+                         PREFETCH=False)}
 TILES_WIDE = {"dot": dict(BM=128, BK=64, MC=256, num_warps=8, num_stages=3),
               "axpy": dict(BM=128, BN=256, MC=64, num_warps=8, num_stages=3, LOCAL=True),
-              "scatter": dict(BM=64, BN=128, MC=128, num_warps=8, num_stages=3, LOCAL=True)}
+              "scatter": dict(BM=64, BN=128, MC=128, num_warps=8, num_stages=3, LOCAL=True,
+                             PREFETCH=True)}
 ROWS_BYTES = 1 << 30   # the wide axpy's per-pair rows: column passes of at most this
 WIDE_ROWS = True         # False: wide experts' axpy with atomics too (bench/peer_kernel.py A/B)
 assert all(t["dot"]["BM"] == t["axpy"]["BM"] for t in (TILES, TILES_WIDE))   # one layout

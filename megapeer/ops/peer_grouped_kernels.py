@@ -84,7 +84,8 @@ def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, exp
 @triton.jit
 def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m, d, n_exp,
                          BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
-                         MC: tl.constexpr, IEEE: tl.constexpr, LOCAL: tl.constexpr):
+                         MC: tl.constexpr, IEEE: tl.constexpr, LOCAL: tl.constexpr,
+                         PREFETCH: tl.constexpr):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(d, BN)
     if LOCAL:   # an expert's (d-tile, chunk) programs in a row: its rows stay in L2
@@ -100,10 +101,16 @@ def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m,
     cnt = tl.load(counts + e)
     off = tl.load(expert_off + e)
     acc = tl.zeros((MC, BN), dtype=tl.float32)
+    if PREFETCH:   # the next step's pair ids are loaded one step ahead (loop-carried)
+        nxt = tl.load(order + off + tl.arange(0, BM), mask=tl.arange(0, BM) < cnt, other=0)
     for start in range(0, cnt, BM):
         local = start + tl.arange(0, BM)
         valid = local < cnt
-        pair = tl.load(order + off + local, mask=valid, other=0).to(tl.int64)
+        if PREFETCH:
+            pair = nxt.to(tl.int64)
+            nxt = tl.load(order + off + local + BM, mask=local + BM < cnt, other=0)
+        else:
+            pair = tl.load(order + off + local, mask=valid, other=0).to(tl.int64)
         tok = pair // hk
         c = tl.load(coef + pair[:, None] * m + j[None, :], mask=valid[:, None] & jv[None, :],
                     other=0.0)

@@ -120,16 +120,22 @@ def wide_rows(dev):
         peer_grouped.ROWS_BYTES = saved
 
 
-def unlocal(dev):
-    """The axpy and scatter in the grid order before LOCAL (bench/peer_kernel.py's
-    grouped_prev): the same values, narrow and chunked wide experts."""
+def other_settings(dev):
+    """The axpy and scatter in the grid order before LOCAL, and the scatter with its pair ids
+    loaded a step ahead (PREFETCH; benchmarks' comparisons): the same values, narrow and
+    chunked wide experts."""
     saved = peer_grouped.TILES, peer_grouped.TILES_WIDE
-    peer_grouped.TILES, peer_grouped.TILES_WIDE = (
-        {k: {**v, "LOCAL": False} if "LOCAL" in v else v for k, v in t.items()} for t in saved)
-    try:
-        return {c: run(c, dev) for c in ("m16", "m100_chunked")}
-    finally:
-        peer_grouped.TILES, peer_grouped.TILES_WIDE = saved
+    res = {}
+    for name, change in (("unlocal", {"LOCAL": False}), ("prefetch", {"PREFETCH": True})):
+        peer_grouped.TILES, peer_grouped.TILES_WIDE = (
+            {k: {**v, **{c: x for c, x in change.items() if c in v}} for k, v in t.items()}
+            for t in saved)
+        try:
+            for c in ("m16", "m32_hot", "m100_chunked"):
+                res[f"{name}_{c}"] = run(c, dev)
+        finally:
+            peer_grouped.TILES, peer_grouped.TILES_WIDE = saved
+    return res
 
 
 def host_syncs(dev):
@@ -182,8 +188,7 @@ def main():
     res["layout_calls"] = layout_calls(dev)
     res["deterministic"] = deterministic(dev)
     res["wide_rows"] = wide_rows(dev)
-    for c, errs in unlocal(dev).items():
-        res[f"unlocal_{c}"] = errs
+    res.update(other_settings(dev))
     if dev == "cuda":
         res["host_syncs"] = host_syncs(dev)
         res["bf16"] = bf16_errors(dev)
