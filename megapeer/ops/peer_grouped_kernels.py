@@ -122,4 +122,3 @@ def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m,
             acc += tl.dot(tl.trans(c), sx)
     tl.store(grad + (e * m + j)[:, None] * d + n[None, :], acc.to(grad.dtype.element_ty),
              mask=jv[:, None] & nm[None, :])
-
