@@ -40,8 +40,8 @@ def main():
     ap.add_argument("--mc", default="64", help="expert columns per chunk (wide experts)")
     ap.add_argument("--local", default="1", help="grid orders of axpy and scatter: 1 LOCAL "
                     "(a block's / expert's programs in a row), 0 the order before it")
-    ap.add_argument("--prefetch", default="0", help="the scatter's pair ids loaded one step "
-                    "ahead: 0, 1 or 0,1")
+    ap.add_argument("--prefetch", default=None, help="the scatter's pair ids loaded one step "
+                    "ahead: 0, 1 or 0,1 (default: as ops/peer_grouped.py sets it for the width)")
     ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -100,7 +100,9 @@ def main():
                 want = launch("axpy" if kind == "axpy_store" else kind, 64, 4, 3).float()
                 scale = want.abs().max().item()
                 locals_ = [True] if kind == "dot" else [bool(v) for v in ints(args.local)]
-                prefetches = [bool(v) for v in ints(args.prefetch)] if kind == "scatter" else [False]
+                prefetches = ([pg._tiles("scatter", m)["PREFETCH"]] if args.prefetch is None
+                              else [bool(v) for v in ints(args.prefetch)])
+                prefetches = prefetches if kind == "scatter" else [False]
                 for tile, warps, stages, local, pf in itertools.product(
                         ints(args.tiles), ints(args.warps), ints(args.stages), locals_, prefetches):
                     row = dict(shape=shape, BM=bm, MB=MB, MC=mc, kernel=kind, tile=tile,
