@@ -113,9 +113,7 @@ def main():
                 return torch.ops.megapeer.grouped_axpy(w, idx, U, m, *lay)
 
         def scatter_prefetch(on):
-            tiles = {name: {k: {**v, "PREFETCH": on} if k == "scatter" else v
-                            for k, v in getattr(pg, name).items()} for name in ("TILES", "TILES_WIDE")}
-            with _patched(pg, **tiles):
+            with pg.tiles_changed(PREFETCH=on):
                 return torch.ops.megapeer.grouped_scatter(w, idx, x, E * m, m, *lay)
 
         ws = w.view(P, m).index_select(0, order64)

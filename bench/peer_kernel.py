@@ -169,19 +169,11 @@ def measure_step(p, mod, warmup, reps):
             "transient_gib": (peak - base - p.table_bytes()) / GiB if peak else 0.0}
 
 
-def _unlocal(tiles):
-    return {k: {**v, "LOCAL": False} if "LOCAL" in v else v for k, v in tiles.items()}
-
-
 def measure_prev(p, warmup, reps):
     """The grouped path with LOCAL off (the launch order before it: each d-tile's wave of
     programs re-reads the gathered rows), for a same-run comparison."""
-    saved = peer_grouped.TILES, peer_grouped.TILES_WIDE
-    peer_grouped.TILES, peer_grouped.TILES_WIDE = _unlocal(saved[0]), _unlocal(saved[1])
-    try:
+    with peer_grouped.tiles_changed(LOCAL=False):
         return measure_step(p, peer_grouped, warmup, reps)
-    finally:
-        peer_grouped.TILES, peer_grouped.TILES_WIDE = saved
 
 
 def measure_accum(p, mod, warmup, reps):

@@ -37,6 +37,8 @@ interpreter on CPU; bf16 on a GPU). Timings: docs/benchmarks.md ("Grouped Triton
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -59,6 +61,26 @@ TILES_WIDE = {"dot": dict(BM=128, BK=64, MC=256, num_warps=8, num_stages=3),
 ROWS_BYTES = 1 << 30   # the wide axpy's per-pair rows: column passes of at most this
 WIDE_ROWS = True         # False: wide experts' axpy with atomics too (bench/peer_kernel.py A/B)
 assert all(t["dot"]["BM"] == t["axpy"]["BM"] for t in (TILES, TILES_WIDE))   # one layout
+
+
+
+@contextlib.contextmanager
+def tiles_changed(**changes):
+    """TILES and TILES_WIDE with some keys changed, where a kernel has them (e.g.
+    LOCAL=False), until the block ends: the benchmarks' same-run comparisons and tests."""
+    global TILES, TILES_WIDE
+    saved = TILES, TILES_WIDE
+    known = {c for t in saved for v in t.values() for c in v}
+    if set(changes) - known:
+        raise ValueError(f"tiles_changed: unknown {sorted(set(changes) - known)}; "
+                         f"the kernels take {sorted(known)}")
+    TILES, TILES_WIDE = ({k: {**v, **{c: x for c, x in changes.items() if c in v}}
+                          for k, v in t.items()} for t in saved)
+    try:
+        yield
+    finally:
+        TILES, TILES_WIDE = saved
+
 
 _kernels = None
 

@@ -124,17 +124,11 @@ def other_settings(dev):
     """The axpy and scatter in the grid order before LOCAL, and the scatter with its pair ids
     loaded a step ahead (PREFETCH; benchmarks' comparisons): the same values, narrow and
     chunked wide experts."""
-    saved = peer_grouped.TILES, peer_grouped.TILES_WIDE
     res = {}
     for name, change in (("unlocal", {"LOCAL": False}), ("prefetch", {"PREFETCH": True})):
-        peer_grouped.TILES, peer_grouped.TILES_WIDE = (
-            {k: {**v, **{c: x for c, x in change.items() if c in v}} for k, v in t.items()}
-            for t in saved)
-        try:
+        with peer_grouped.tiles_changed(**change):
             for c in ("m16", "m32_hot", "m100_chunked"):
                 res[f"{name}_{c}"] = run(c, dev)
-        finally:
-            peer_grouped.TILES, peer_grouped.TILES_WIDE = saved
     return res
 
 
