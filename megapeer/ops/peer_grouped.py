@@ -63,7 +63,6 @@ WIDE_ROWS = True         # False: wide experts' axpy with atomics too (bench/pee
 assert all(t["dot"]["BM"] == t["axpy"]["BM"] for t in (TILES, TILES_WIDE))   # one layout
 
 
-
 @contextlib.contextmanager
 def tiles_changed(**changes):
     """TILES and TILES_WIDE with some keys changed, where a kernel has them (e.g.
