@@ -31,7 +31,7 @@ def losses(overrides, mode, steps):
     chunks = build_model_chunks(cfg, tcfg)
     if mode != "eager":
         compile_layers(chunks, mode)
-    ddp = wrap_ddp(chunks, tcfg)
+    ddp = wrap_ddp(chunks, tcfg, triton_grad_add=t.triton_grad_add)
     opt = build_optimizer(ddp, t, param_dtype(t))
     S, B = m.seq_length, t.micro_batch_size
     n_micro = t.global_batch_size // B

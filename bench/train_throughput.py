@@ -152,7 +152,7 @@ def run_variant(name, overrides, steps, warmup, profile_dir=None, compile_mode=N
             from megapeer.models import compile_layers as compile_all
             compile_all(chunks, compile_mode)
         fpt = flops_per_token(m, vocab_size=padded_vocab_size(m, 1))
-    ddp = wrap_ddp(chunks, tcfg)
+    ddp = wrap_ddp(chunks, tcfg, triton_grad_add=t.triton_grad_add)
     opt = build_optimizer(ddp, t, param_dtype(t))
     S, B = m.seq_length, t.micro_batch_size
     n_micro = t.global_batch_size // B

@@ -43,6 +43,10 @@ def info() -> int:
     from .ops import peer_gmm
     mok, mwhy = peer_gmm.available()
     print(f"torch grouped GEMM (model.peer.kernel=gmm): {mwhy if mok else 'unavailable: ' + mwhy}")
+    from .ops import grad_add
+    print("gradient add into main_grad (training.triton_grad_add): "
+          + (f"Triton kernel for bf16/fp16 gradients of >= {grad_add.MIN_NUMEL} elements"
+             if grad_add.available() else "torch's add_ (needs Triton and a GPU)"))
     return 0
 
 

@@ -120,6 +120,7 @@ class TrainingConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     use_distributed_optimizer: bool = False
     fused_adam: bool = True                # torch's fused Adam kernel for GPU parameters
+    triton_grad_add: bool = True           # main_grad += grad by a Triton kernel on GPUs (ops/grad_add.py)
     fused_cross_entropy: bool = False      # Megatron's fused vocab-parallel cross-entropy (bf16)
     overlap_grad_reduce: bool = False
     eval_interval: int = 50

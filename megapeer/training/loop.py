@@ -168,7 +168,7 @@ def train(cfg):
                     "cannot be checkpointed with megatron-core 0.16.1; using the standard "
                     "(replicated) optimizer instead")
         dist_opt = False
-    ddp = wrap_ddp(chunks, tcfg, dist_opt, t.overlap_grad_reduce)
+    ddp = wrap_ddp(chunks, tcfg, dist_opt, t.overlap_grad_reduce, t.triton_grad_add)
     dtype = param_dtype(t)
     optimizer = build_optimizer(ddp, t, dtype, distributed=dist_opt)
     scheduler = build_scheduler(optimizer, t)

@@ -8,7 +8,9 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel as DDP
 from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.cuda_graphs import is_graph_capturing
 
+from ..ops import grad_add
 from ..ops.grad_accum import prepare_accumulators
 from ..parallel import device
 
@@ -37,14 +39,41 @@ def forward_step(data_iterator, model):
     return output, _loss
 
 
-def wrap_ddp(chunks, tcfg, use_distributed_optimizer=False, overlap_grad_reduce=False):
-    """Megatron DDP around each chunk; sets the config hooks the schedules call."""
+class GradAddDDP(DDP):
+    """Megatron's DDP whose backward hook adds a parameter's gradient to its main_grad with
+    ops/grad_add.py's kernel (training.triton_grad_add), then lets Megatron's own hook run
+    (it sees the add done, drops the gradient and marks the bucket ready as before)."""
+
+    def _make_backward_post_hook(self, param):
+        megatron_hook = super()._make_backward_post_hook(param)
+
+        def hook(*unused):
+            g = param.grad
+            if (g is None or param.grad_added_to_main_grad or is_graph_capturing()
+                    or getattr(param, "zero_out_wgrad", False)
+                    or param not in self.param_to_bucket_group
+                    or not grad_add.takes(param.main_grad, g)):
+                return megatron_hook(*unused)
+            grad_add.add_(param.main_grad, g)
+            param.grad_added_to_main_grad = True
+            try:
+                return megatron_hook(*unused)
+            finally:
+                param.grad_added_to_main_grad = False
+        return hook
+
+
+def wrap_ddp(chunks, tcfg, use_distributed_optimizer=False, overlap_grad_reduce=False,
+             triton_grad_add=True):
+    """Megatron DDP around each chunk; sets the config hooks the schedules call.
+    triton_grad_add: main_grad += grad by ops/grad_add.py where it can run (GradAddDDP)."""
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=use_distributed_optimizer,
     )
-    wrapped = [DDP(config=tcfg, ddp_config=ddp_cfg, module=c, disable_bucketing=(i > 0))
+    cls = GradAddDDP if triton_grad_add and grad_add.available() else DDP
+    wrapped = [cls(config=tcfg, ddp_config=ddp_cfg, module=c, disable_bucketing=(i > 0))
                for i, c in enumerate(chunks)]
     for m in wrapped:   # PEER tables' gradients straight into main_grad (ops/grad_accum.py)
         prepare_accumulators(m.module, enabled=not overlap_grad_reduce)
