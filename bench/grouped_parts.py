@@ -1,10 +1,11 @@
 """The grouped PEER kernels one by one against torch._grouped_mm forms, on a GPU.
 
 For one layer shape, times (triton.testing.do_bench, ms; TFLOP/s of the 2*P*m*d GEMM):
-  axpy     Triton row form + per-token sum (what ops/peer_grouped.py runs; then with
-           other ROWS_BYTES, the row buffer's cap per column pass), Triton fp32
-           atomics, and torch._grouped_mm on the expert-sorted coefficients (rows in
-           sorted order) + a gather-sum kernel (defined here); parts timed alone
+  axpy     Triton row form + per-token sum (the token-ordered form; then with other
+           ROWS_BYTES, the row buffer's cap per column pass), the expert-ordered form
+           that ops/peer_grouped.py runs for wide bf16 experts (torch._grouped_mm on
+           coefficients already in expert order + its gather-sum kernel), Triton fp32
+           atomics, and the same gmm with the coefficient copy counted; parts alone
   scatter  Triton (gathered rows; then with PREFETCH off and on: the pair ids loaded a
            step ahead) against torch._grouped_mm over copies of the rows in sorted
            order (groups along the reduced dimension)
@@ -41,28 +42,6 @@ def _patched(mod, **values):
             setattr(mod, k, v)
 
 
-def _gather_sum_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gather_sum(rows, inv, out, T, hk, d, BT: tl.constexpr, BN: tl.constexpr):
-        """out[t] = sum over the token's hk pairs of rows[inv[t * hk + s]] (fp32 sum in a
-        fixed order): the per-token sum of pair rows stored in sorted (expert) order."""
-        t = tl.program_id(0) * BT + tl.arange(0, BT)
-        tv = t < T
-        n = tl.program_id(1) * BN + tl.arange(0, BN)
-        nm = n < d
-        acc = tl.zeros((BT, BN), dtype=tl.float32)
-        for s in range(0, hk):
-            r = tl.load(inv + t.to(tl.int64) * hk + s, mask=tv, other=0).to(tl.int64)
-            acc += tl.load(rows + r[:, None] * d + n[None, :], mask=tv[:, None] & nm[None, :],
-                           other=0.0).to(tl.float32)
-        tl.store(out + t.to(tl.int64)[:, None] * d + n[None, :], acc.to(out.dtype.element_ty),
-                 mask=tv[:, None] & nm[None, :])
-    return gather_sum
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="wider_mb2,wider")
@@ -77,7 +56,7 @@ def main():
     import triton.testing
 
     from megapeer.ops import peer_grouped as pg
-    gather_sum_kernel = _gather_sum_kernel()
+    from megapeer.ops.peer_grouped_kernels import peer_gather_sum
     dev, bf = "cuda", dict(device="cuda", dtype=torch.bfloat16)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__, "rows": []}
@@ -91,17 +70,17 @@ def main():
         idx = torch.randint(0, E, (T, h, k), generator=g, device=dev)
         hk, P = h * k, T * h * k
         lay = pg._layout(idx, E, m)
-        order, bexp, bstart, eoff, counts = lay
+        order, bexp, bstart, eoff, counts, inv = lay
         order64 = order.long()
-        inv = torch.empty_like(order).scatter_(0, order64, torch.arange(P, device=dev, dtype=torch.int32))
         offs = (eoff + counts).to(torch.int32)
         tok_sorted = order64 // hk
         flop = 2 * P * m * d
 
-        def gather_sum(rows):
+        def gather_sum(rows, **tiles):
             o = torch.empty(T, d, **bf)
-            gather_sum_kernel[(triton.cdiv(T, 32), triton.cdiv(d, 256))](
-                rows, inv, o, T, hk, d, BT=32, BN=256, num_warps=4)
+            gs = {**pg.GATHER_SUM, **tiles}
+            peer_gather_sum[(triton.cdiv(T, gs["BT"]), triton.cdiv(d, gs["BN"]))](
+                rows, inv, o, d, T, hk, d, **gs)
             return o
 
         def axpy_gmm():   # the coefficient copy counted
@@ -111,6 +90,10 @@ def main():
         def axpy(**settings):   # the op with peer_grouped settings changed
             with _patched(pg, **settings):
                 return torch.ops.megapeer.grouped_axpy(w, idx, U, m, *lay)
+
+        def dot_sorted_pos():   # the sorted store's row ids from its own arithmetic
+            with pg.tiles_changed(INV_STORE=False):
+                return torch.ops.megapeer.grouped_dot_sorted(x, idx, U, m, *lay)
 
         def scatter_prefetch(on):
             with pg.tiles_changed(PREFETCH=on):
@@ -122,6 +105,8 @@ def main():
         xs = x.index_select(0, tok_sorted)
         forms = {
             "axpy": [("triton rows + sum", axpy),
+                     ("expert order (what runs)", lambda: torch.ops.megapeer.grouped_axpy_sorted(
+                         ws, idx, U, m, *lay)),
                      ("rows <= 256 MiB a pass", lambda: axpy(ROWS_BYTES=256 << 20)),
                      ("rows <= 512 MiB a pass", lambda: axpy(ROWS_BYTES=512 << 20)),
                      ("rows <= 1 GiB a pass", lambda: axpy(ROWS_BYTES=1 << 30)),
@@ -130,15 +115,27 @@ def main():
                      ("gmm sorted + gather-sum", axpy_gmm),
                      ("  part: permute coef", lambda: w.view(P, m).index_select(0, order64)),
                      ("  part: gmm", lambda: torch._grouped_mm(ws, U.view(E, m, d), offs=offs)),
-                     ("  part: gather-sum", lambda: gather_sum(rows_sorted))],
+                     ("  part: gather-sum", lambda: gather_sum(rows_sorted))]
+                    + [(f"  part: gather-sum {bt}x{bn} w{nw}",
+                        lambda bt=bt, bn=bn, nw=nw: gather_sum(rows_sorted, BT=bt, BN=bn,
+                                                               num_warps=nw))
+                       for bt, bn, nw in ((16, 256, 4), (64, 256, 8), (32, 512, 8),
+                                          (16, 512, 4), (8, 1024, 4))],
             "scatter": [("triton", lambda: torch.ops.megapeer.grouped_scatter(w, idx, x, E * m, m, *lay)),
                         ("triton, PREFETCH off", lambda: scatter_prefetch(False)),
                         ("triton, PREFETCH on", lambda: scatter_prefetch(True)),
+                        ("triton, coef in expert order", lambda: torch.ops.megapeer.grouped_scatter(
+                            ws, idx, x, E * m, m, *lay, coef_sorted=True)),
                         ("gmm over sorted copies", lambda: torch._grouped_mm(
                             w.view(P, m).index_select(0, order64).t(), x.index_select(0, tok_sorted),
                             offs=offs).view(E * m, d)),
                         ("  part: gmm", lambda: torch._grouped_mm(ws.t(), xs, offs=offs))],
             "dot": [("triton", lambda: torch.ops.megapeer.grouped_dot(x, idx, U, m, *lay)),
+                    ("triton, s in expert order", lambda: torch.ops.megapeer.grouped_dot_sorted(
+                        x, idx, U, m, *lay).index_select(0, inv.long()).view(T, h, k, m)),
+                    ("  part: s in expert order", lambda: torch.ops.megapeer.grouped_dot_sorted(
+                        x, idx, U, m, *lay)),
+                    ("  part: s in expert order, rows from pos", lambda: dot_sorted_pos()),
                     ("gmm over a sorted copy", lambda: torch._grouped_mm(
                         x.index_select(0, tok_sorted), U.view(E, m, d).transpose(1, 2),
                         offs=offs).index_select(0, inv.long()).view(T, h, k, m)),

@@ -72,7 +72,7 @@ def main():
         for bm, mc in itertools.product(ints(args.bm), ints(args.mc)):
             mc = min(mc, MB)
             lay = torch.ops.megapeer.grouped_layout(idx, n_exp, bm)
-            order, bexp, bstart, eoff, counts = lay
+            order, bexp, bstart, eoff, counts, inv = lay
             nb = bexp.numel()
 
             def launch(kind, tile, warps, stages, local=True, prefetch=False):
@@ -80,7 +80,8 @@ def main():
                 if kind == "dot":
                     s = torch.empty(T, h, k, m, **bf)
                     pk.peer_grouped_dot[(nb, MB // mc)](x, d, U, d, s, order, bexp, bstart,
-                                                        eoff, counts, hk, m, d, BK=tile, **kw)
+                                                        eoff, counts, inv, hk, m, d, BK=tile,
+                                                        **kw)
                     return s
                 if kind.startswith("axpy"):
                     store = kind == "axpy_store"

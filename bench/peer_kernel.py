@@ -176,6 +176,17 @@ def measure_prev(p, warmup, reps):
         return measure_step(p, peer_grouped, warmup, reps)
 
 
+def measure_token_order(p, warmup, reps):
+    """The grouped path with wide experts in the token-ordered form (before the
+    expert-ordered one: the Triton row-form axpy), for a same-run comparison."""
+    saved = peer_grouped.SORTED_FORM
+    peer_grouped.SORTED_FORM = False
+    try:
+        return measure_step(p, peer_grouped, warmup, reps)
+    finally:
+        peer_grouped.SORTED_FORM = saved
+
+
 def measure_accum(p, mod, warmup, reps):
     """A training micro-batch's PEER work: fwd+bwd, then the table gradients into fp32
     main grads. Unfused: bf16 table gradients, then Megatron's add into main_grad. Fused:
@@ -261,7 +272,8 @@ def main():
     ap.add_argument("--paths", default="grouped",
                     help="extra paths to time, comma-separated: grouped (Triton), gmm "
                          "(torch._grouped_mm), grouped_prev (grouped with LOCAL off: the launch "
-                         "order before it)")
+                         "order before it), grouped_token (wide experts in the token-ordered "
+                         "form, before the expert-ordered one)")
     ap.add_argument("--deterministic", action="store_true",
                     help="the kernels' deterministic forms (peer_cuda.set_deterministic)")
     ap.add_argument("--accumulate", action="store_true",
@@ -269,9 +281,10 @@ def main():
                          "unfused (Megatron's add) and fused into the backward kernels")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    unknown = set(args.paths.split(",")) - {"grouped", "gmm", "grouped_prev", ""}
+    known = {"grouped", "gmm", "grouped_prev", "grouped_token"}
+    unknown = set(args.paths.split(",")) - known - {""}
     if unknown:
-        ap.error(f"--paths: unknown {sorted(unknown)}; choose from grouped, gmm, grouped_prev")
+        ap.error(f"--paths: unknown {sorted(unknown)}; choose from {', '.join(sorted(known))}")
     peer_cuda.set_deterministic(args.deterministic)
 
     cuda = torch.cuda.is_available()
@@ -309,6 +322,10 @@ def main():
         if grouped_ok and "grouped_prev" in args.paths.split(","):
             res["grouped_prev"] = measure_prev(p, args.warmup, args.reps)
             rows.append((size, "grouped (order before LOCAL)", res["grouped_prev"], floor_fwd,
+                         floor_both, T))
+        if grouped_ok and "grouped_token" in args.paths.split(","):
+            res["grouped_token"] = measure_token_order(p, args.warmup, args.reps)
+            rows.append((size, "grouped (token order)", res["grouped_token"], floor_fwd,
                          floor_both, T))
         if gmm_ok and peer_gmm.supports(m, d, dtype, N, cuda):
             res["gmm"] = measure_step(p, peer_gmm, args.warmup, args.reps)

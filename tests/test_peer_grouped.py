@@ -9,13 +9,18 @@ and deterministic mode (the axpy without atomics, in column passes): reference v
 bitwise-equal repeats; the same for experts >= 128 wide outside deterministic mode (their
 axpy always writes one row per pair); the axpy and scatter in their other grid order
 (LOCAL off) and the scatter with its pair ids loaded a step ahead (PREFETCH): the
-benchmarks' comparisons. On a GPU: no host synchronisation in a forward +
-backward (torch.cuda.set_sync_debug_mode("error")).
+benchmarks' comparisons. Experts >= 128 wide take the expert-ordered form (s and w sorted
+by expert, the axpy as torch's grouped GEMM + a per-token sum): checked as above, and the
+token-ordered form for them too (SORTED_FORM off); through the model under TP2, EP2 and
+DP2 against the single-process reference path (the parallel tests' tolerances). On a GPU:
+no host synchronisation in a forward + backward (torch.cuda.set_sync_debug_mode("error")),
+in both forms.
 On a CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set for the worker
 process only). Tolerance: 1e-5 relative to the reference's largest magnitude (fp32 with
 IEEE dots; the axpy sums with atomics in another order).
-bf16 is checked on a GPU only, at m = 16 and m = 128 (within twice the reference's own
-bf16 error against fp32, plus 1e-3): the Triton interpreter's bf16 dot is wrong (Triton 3.9 on CPU).
+bf16 is checked on a GPU only, at m = 16 and m = 128 (the expert-ordered form, also in
+64-column passes), within twice the reference's own bf16 error against fp32, plus 1e-3:
+the Triton interpreter's bf16 dot is wrong (Triton 3.9 on CPU).
 """
 import json
 import os
@@ -42,6 +47,14 @@ def test_grouped_kernels_match_reference():
     assert "unavailable" not in res, res
     assert res.pop("layout_calls") == 1   # one sort per forward + backward, shared by 4 ops
     assert res.pop("host_syncs", "") == "", "the grouped path waits for the GPU (GPU only)"
+    assert res.pop("host_syncs_expert_order", "") == "", "the expert-ordered form waits"
+    # which form ran: expert order for wide experts (fp32 here: on a GPU only bf16 takes it,
+    # checked by the bf16_wide case)
+    wide = {"m100_chunked", "m300_chunked", "unlocal_m100_chunked", "prefetch_m100_chunked"}
+    for case, errs in res.items():
+        if "expert_order" in errs:
+            want = case in wide and not torch.cuda.is_available()
+            assert errs.pop("expert_order") == float(want), case
     for case, errs in res.items():
         if case.startswith("bf16"):   # GPU only: grouped bf16 error vs the reference's
             for name, (grp, ref) in errs.items():
@@ -77,3 +90,26 @@ def test_grouped_kernels_train_like_reference(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("on a GPU: bench/kernel_parity.py compares fused and grouped in bf16")
     assert_trains_like_reference(tmp_path, "grouped", env={"TRITON_INTERPRET": "1"})
+
+
+@pytest.mark.timeout(900)
+def test_expert_ordered_form_in_parallel_layouts(tmp_path):
+    """The tiny MLA+PEER of tests/test_parallel.py with experts 128 wide: the single-process
+    reference path's loss and gradients against the grouped kernels' expert-ordered form
+    (Triton interpreter on a CPU) under TP2, EP2 and DP2 (1e-5 loss, 1e-4 gradients)."""
+    import torch
+
+    from conftest import torchrun
+    if torch.cuda.is_available():
+        pytest.skip("CPU check (Triton interpreter); GPU layouts: bench/layout_scaling.py")
+    wide = "model.peer.num_experts=[4,4] model.peer.expert_hidden=128"
+    torchrun("parallel_check.py", ["reference", str(tmp_path)], 1, env={"PARALLEL_EXTRA": wide})
+    torchrun("parallel_check.py", ["layouts", str(tmp_path), "tp2,ep2,dp2"], 2,
+             env={"PARALLEL_EXTRA": wide + " model.peer.kernel=grouped", "TRITON_INTERPRET": "1"})
+    ref = json.loads((tmp_path / "reference.json").read_text())
+    got = json.loads((tmp_path / "layouts.json").read_text())
+    for layout in ("tp2", "ep2", "dp2"):
+        r = got[layout]
+        assert r["missing"] == [], layout
+        assert abs(r["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (layout, r, ref["loss"])
+        assert r["grad_rel_err"] < 1e-4, (layout, r)

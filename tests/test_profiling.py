@@ -12,6 +12,7 @@ from megapeer.training.profiling import format_summary, kernel_category, summari
     ("void megapeer::walk_kernel<__nv_bfloat16, 8, 2>(megapeer::KArgs<__nv_bfloat16>)",
      "kernel", "PEER kernels"),
     ("peer_grouped_axpy", "kernel", "PEER kernels"),  # the grouped Triton kernels
+    ("peer_gather_sum", "kernel", "PEER kernels"),
     ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "kernel",
      "communication (NCCL)"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>", "kernel",

@@ -29,6 +29,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from ..ops import gather_axpy, gather_dot
+from ..ops.dispatch import expert_order, to_expert_order
 from ..ops.grad_accum import accumulator
 
 _ACTS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -165,19 +166,23 @@ class PEER(MegatronModule):
             own = (idx >= 0) & (idx < self.n_local)
             gates = gates * own
             idx = idx.clamp(0, self.n_local - 1)
+        # wide experts on the grouped kernels: s and w as [pairs, m] sorted by expert
+        srt = expert_order(mode, idx, self.m, x, self.U)
         if self.tp_size > 1:
             tp = ps.get_tensor_model_parallel_group()
             lo = self.tp_rank * self.d_local
             # under SP, x's gather from the sequence chunks already sums its grad over TP
             xs = x if self.sp else _comm(mappings.copy_to_tensor_model_parallel_region, x, group=tp)
-            s = gather_dot(xs[:, lo:lo + self.d_local], idx, self.U, self.m, mode, acc_u)
+            s = gather_dot(xs[:, lo:lo + self.d_local], idx, self.U, self.m, mode, acc_u, srt)
             s = _comm(mappings.reduce_from_tensor_model_parallel_region, s, group=tp)
         else:
-            s = gather_dot(x, idx, self.U, self.m, mode, acc_u)
+            s = gather_dot(x, idx, self.U, self.m, mode, acc_u, srt)
+        if srt:
+            gates = to_expert_order(gates, idx, self.U.shape[0] // self.m, self.m)
         w = self.act(s) * gates.unsqueeze(-1)
         if self.tp_size > 1:
             w = _comm(mappings.copy_to_tensor_model_parallel_region, w, group=tp)
-        out = gather_axpy(w, idx, self.V, self.m, mode, acc_v)
+        out = gather_axpy(w, idx, self.V, self.m, mode, acc_v, srt)
         if self.ep_size > 1:
             out = _comm(mappings.reduce_scatter_to_sequence_parallel_region, out, group=group)
         if self.tp_size > 1:

@@ -101,11 +101,35 @@ def _call(op, path, a, idx, tab, m, acc):
     return getattr(path, op)(a, idx, tab, m)
 
 
-def gather_dot(x, idx, U, m: int = 1, mode: str = "auto", acc=None):
-    """acc: U's fp32 main_grad for gradient-accumulation fusion (ops/grad_accum.py)."""
-    return _call("gather_dot", _path(mode, idx, m, x, U), x, idx, U, m, acc)
+def gather_dot(x, idx, U, m: int = 1, mode: str = "auto", acc=None, in_expert_order=False):
+    """acc: U's fp32 main_grad for gradient-accumulation fusion (ops/grad_accum.py).
+    in_expert_order (where expert_order said so): s [P, m] with the pairs sorted by expert."""
+    path = _path(mode, idx, m, x, U)
+    if in_expert_order:
+        return path.gather_dot(x, idx, U, m, in_expert_order=True)
+    return _call("gather_dot", path, x, idx, U, m, acc)
 
 
-def gather_axpy(w, idx, V, m: int = 1, mode: str = "auto", acc=None):
-    """acc: V's fp32 main_grad for gradient-accumulation fusion (ops/grad_accum.py)."""
-    return _call("gather_axpy", _path(mode, idx, m, w, V), w, idx, V, m, acc)
+def gather_axpy(w, idx, V, m: int = 1, mode: str = "auto", acc=None, in_expert_order=False):
+    """acc: V's fp32 main_grad for gradient-accumulation fusion (ops/grad_accum.py).
+    in_expert_order: w [P, m] in the expert order of gather_dot's s."""
+    path = _path(mode, idx, m, w, V)
+    if in_expert_order:
+        return path.gather_axpy(w, idx, V, m, in_expert_order=True)
+    return _call("gather_axpy", path, w, idx, V, m, acc)
+
+
+def expert_order(mode, idx, m, x, U) -> bool:
+    """Whether a layer step takes the grouped kernels' expert-ordered form: s and w as
+    [P, m] with the (token, expert) pairs sorted by expert, so that the axpy runs as
+    torch's grouped GEMM on them (ops/peer_grouped.py, takes_expert_order). Its table
+    gradients are plain (no accumulator), as on the grouped path."""
+    from . import peer_grouped
+    return (_path(mode, idx, m, x, U) is peer_grouped
+            and peer_grouped.takes_expert_order(x, U, m))
+
+
+def to_expert_order(gates, idx, n_exp: int, m: int):
+    """Per-pair gates [T, h, k] -> [P] in the expert order of the expert-ordered form."""
+    from . import peer_grouped
+    return peer_grouped.to_expert_order(gates, idx, n_exp, m)

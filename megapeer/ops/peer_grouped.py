@@ -26,6 +26,13 @@ torch sums them per token: repeatable, at the cost of a [pairs, DET_COLS] fp32 b
 the row form, with rows in the input dtype (one rounding per pair, summed in fp32): there
 it beat the atomics (1.33 against 1.53 ms per call, H200) and repeats bitwise; its buffer
 is cut into column passes of at most ROWS_BYTES.
+
+Expert-ordered form (wide bf16 experts, takes_expert_order; models/peer.py uses it): the
+dot writes s as [P, m] in expert order, the caller permutes the gates the same way
+(to_expert_order), and the axpy on those coefficients is torch's grouped GEMM (CUTLASS on
+sm90: one row per pair, in expert order) followed by a per-token gather-sum through the
+layout's inverse permutation; the scatter reads coefficients by position. -7% per
+`mla_peer_wider` layer fwd+bwd at micro-batch 2 (H200, docs/benchmarks.md).
 m is padded to 16 inside the kernels (tensor-core tiles) and cut into chunks of MC columns;
 fp32 inputs use IEEE fp32 dots. Blocks hold BM = 64 pairs, 128 for experts >= 128 wide.
 
@@ -49,12 +56,13 @@ from . import peer_ref
 # the expert columns per chunk (wider experts are cut into chunks of MC). Chosen with
 # bench/grouped_tune.py on an H200 (docs/kernels.md): experts up to 64 wide, then >= 128.
 # LOCAL: the 1-D grid order of axpy and scatter; PREFETCH: the scatter loads its pair ids
-# a step ahead (peer_grouped_kernels.py; H200, docs/benchmarks.md calls 34 and 40).
-TILES = {"dot": dict(BM=64, BK=64, MC=64, num_warps=4, num_stages=3),
+# a step ahead (peer_grouped_kernels.py; H200, docs/benchmarks.md calls 34 and 40);
+# INV_STORE: the expert-ordered dot reads its output rows from the layout's inv.
+TILES = {"dot": dict(BM=64, BK=64, MC=64, num_warps=4, num_stages=3, INV_STORE=True),
          "axpy": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3, LOCAL=True),
          "scatter": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3, LOCAL=True,
                          PREFETCH=False)}
-TILES_WIDE = {"dot": dict(BM=128, BK=64, MC=256, num_warps=8, num_stages=3),
+TILES_WIDE = {"dot": dict(BM=128, BK=64, MC=256, num_warps=8, num_stages=3, INV_STORE=True),
               "axpy": dict(BM=128, BN=256, MC=64, num_warps=8, num_stages=3, LOCAL=True),
               "scatter": dict(BM=64, BN=128, MC=128, num_warps=8, num_stages=3, LOCAL=True,
                              PREFETCH=True)}
@@ -91,15 +99,18 @@ def _k():
         import triton
 
         from . import peer_grouped_kernels as pk
-        _kernels = (triton, pk.peer_grouped_dot, pk.peer_grouped_axpy, pk.peer_grouped_scatter)
+        _kernels = (triton, pk.peer_grouped_dot, pk.peer_grouped_axpy, pk.peer_grouped_scatter,
+                    pk.peer_gather_sum)
     return _kernels
 
 
 @torch.library.custom_op("megapeer::grouped_layout", mutates_args=())
-def _layout_op(idx: Tensor, n_exp: int, bm: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _layout_op(idx: Tensor, n_exp: int, bm: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                          Tensor]:
     """(token, expert) pairs sorted by expert and cut into blocks of bm pairs of one expert:
     order [P] (pair ids by expert), block_expert [n_blocks] (-1 past the last block),
-    block_start, expert_off, counts [n_exp]. Torch ops on the device, sized by upper bounds
+    block_start, expert_off, counts [n_exp], inv [P] (each pair's place in the expert
+    order: the expert-ordered form's way back). Torch ops on the device, sized by upper bounds
     (no host sync: torch.bincount would read the largest id back to the host; the GPU
     test runs this under torch.cuda.set_sync_debug_mode("error"))."""
     flat = idx.reshape(-1)
@@ -114,7 +125,8 @@ def _layout_op(idx: Tensor, n_exp: int, bm: int) -> tuple[Tensor, Tensor, Tensor
     b = torch.arange(_n_blocks(flat.numel(), n_exp, bm), device=idx.device)
     e = torch.searchsorted(block_end, b, right=True)
     block_expert = torch.where(e < n_exp, e, -1).to(torch.int32)
-    return order, block_expert, block_start, expert_off, counts
+    inv = torch.argsort(order).to(torch.int32)
+    return order, block_expert, block_start, expert_off, counts, inv
 
 
 @_layout_op.register_fake
@@ -122,7 +134,7 @@ def _(idx, n_exp, bm):
     i32 = dict(dtype=torch.int32, device=idx.device)
     return (idx.new_empty(idx.numel(), **i32),
             idx.new_empty(_n_blocks(idx.numel(), n_exp, bm), **i32),
-            *(idx.new_empty(n_exp, **i32) for _ in range(3)))
+            *(idx.new_empty(n_exp, **i32) for _ in range(3)), idx.new_empty(idx.numel(), **i32))
 
 
 def _n_blocks(P: int, n_exp: int, bm: int) -> int:
@@ -160,18 +172,24 @@ def _hk(idx: Tensor) -> int:
     return idx.numel() // idx.shape[0]   # pairs per token
 
 
-@torch.library.custom_op("megapeer::grouped_dot", mutates_args=())
-def _dot_op(x: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_expert: Tensor,
-            block_start: Tensor, expert_off: Tensor, counts: Tensor) -> Tensor:
-    triton, dot_kernel, _, _ = _k()
+def _dot(x, idx, tab, m, lay, shape, in_expert_order):
+    triton, dot_kernel, *_ = _k()
     x, tab = _rows(x), _rows(tab)
-    s = torch.empty(*idx.shape, m, dtype=x.dtype, device=x.device)
-    d = x.shape[1]
+    s = torch.empty(shape, dtype=x.dtype, device=x.device)
+    order, block_expert, block_start, expert_off, counts, inv = lay
     t = _tiles("dot", m)
     dot_kernel[(block_expert.numel(), _mb(m) // t["MC"])](
         x, x.stride(0), tab, tab.stride(0), s, order, block_expert, block_start, expert_off,
-        counts, _hk(idx), m, d, MB=_mb(m), IEEE=x.dtype == torch.float32, **t)
+        counts, inv, _hk(idx), m, x.shape[1], MB=_mb(m), IEEE=x.dtype == torch.float32,
+        SORTED=in_expert_order, **t)
     return s
+
+
+@torch.library.custom_op("megapeer::grouped_dot", mutates_args=())
+def _dot_op(x: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_expert: Tensor,
+            block_start: Tensor, expert_off: Tensor, counts: Tensor, inv: Tensor) -> Tensor:
+    lay = (order, block_expert, block_start, expert_off, counts, inv)
+    return _dot(x, idx, tab, m, lay, (*idx.shape, m), False)
 
 
 @_dot_op.register_fake
@@ -179,13 +197,27 @@ def _(x, idx, tab, m, *lay):
     return x.new_empty((*idx.shape, m))
 
 
+@torch.library.custom_op("megapeer::grouped_dot_sorted", mutates_args=())
+def _dot_sorted_op(x: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor,
+                   block_expert: Tensor, block_start: Tensor, expert_off: Tensor,
+                   counts: Tensor, inv: Tensor) -> Tensor:
+    """grouped_dot with s [P, m] in expert order (row i: the pair order[i])."""
+    lay = (order, block_expert, block_start, expert_off, counts, inv)
+    return _dot(x, idx, tab, m, lay, (idx.numel(), m), True)
+
+
+@_dot_sorted_op.register_fake
+def _(x, idx, tab, m, *lay):
+    return x.new_empty((idx.numel(), m))
+
+
 DET_COLS = 256   # d columns per pass of the deterministic axpy (its buffer: [pairs, 256] fp32)
 
 
 @torch.library.custom_op("megapeer::grouped_axpy", mutates_args=())
 def _axpy_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_expert: Tensor,
-             block_start: Tensor, expert_off: Tensor, counts: Tensor) -> Tensor:
-    triton, _, axpy_kernel, _ = _k()
+             block_start: Tensor, expert_off: Tensor, counts: Tensor, inv: Tensor) -> Tensor:
+    triton, _, axpy_kernel, *_ = _k()
     tab = _rows(tab)
     w = w.contiguous()
     T, d, hk = idx.shape[0], tab.shape[1], _hk(idx)
@@ -206,7 +238,7 @@ def _axpy_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_e
 def _axpy_rows(w, tab, lay, T, hk, m, d, kw, row_dtype, cols):
     """The axpy without atomics: each pair's row is written by one program, then torch sums
     them per token (in fp32, one rounding) in a fixed order; `cols` columns per pass."""
-    triton, _, axpy_kernel, _ = _k()
+    triton, _, axpy_kernel, *_ = _k()
     cols = min(d, cols)
     buf = torch.empty(T * hk * cols, dtype=row_dtype, device=tab.device)
     out = None if cols == d and row_dtype == tab.dtype else tab.new_empty((T, d))
@@ -237,8 +269,9 @@ def _(w, idx, tab, m, *lay):
 @torch.library.custom_op("megapeer::grouped_scatter", mutates_args=())
 def _scatter_op(coef: Tensor, idx: Tensor, src: Tensor, n_rows: int, m: int, order: Tensor,
                 block_expert: Tensor, block_start: Tensor, expert_off: Tensor,
-                counts: Tensor) -> Tensor:
-    triton, _, _, scatter_kernel = _k()
+                counts: Tensor, inv: Tensor, coef_sorted: bool = False) -> Tensor:
+    """coef_sorted: coef is [P, m] in expert order (the sorted form's s and w)."""
+    triton, _, _, scatter_kernel, _ = _k()
     src = _rows(src)
     coef = coef.contiguous()
     n_exp = n_rows // m
@@ -247,13 +280,45 @@ def _scatter_op(coef: Tensor, idx: Tensor, src: Tensor, n_rows: int, m: int, ord
     t = _tiles("scatter", m)
     scatter_kernel[(n_exp * triton.cdiv(d, t["BN"]) * (_mb(m) // t["MC"]),)](
         coef, src, src.stride(0), grad, order, expert_off, counts, _hk(idx), m, d, n_exp,
-        MB=_mb(m), IEEE=src.dtype == torch.float32, **t)
+        MB=_mb(m), IEEE=src.dtype == torch.float32, SORTED=coef_sorted, **t)
     return grad
 
 
 @_scatter_op.register_fake
-def _(coef, idx, src, n_rows, m, *lay):
+def _(coef, idx, src, n_rows, m, *lay, coef_sorted=False):
     return src.new_empty((n_rows, src.shape[1]))
+
+
+GATHER_SUM = dict(BT=32, BN=256, num_warps=4)   # the sorted axpy's per-token sum
+
+
+@torch.library.custom_op("megapeer::grouped_axpy_sorted", mutates_args=())
+def _axpy_sorted_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor,
+                    block_expert: Tensor, block_start: Tensor, expert_off: Tensor,
+                    counts: Tensor, inv: Tensor) -> Tensor:
+    """grouped_axpy on w [P, m] in expert order: torch's grouped GEMM (CUTLASS on sm90)
+    writes each pair's row [P, c] in expert order, and a Triton kernel sums each token's
+    rows in fp32 (column passes of at most ROWS_BYTES of rows)."""
+    triton, *_, gather_sum = _k()
+    T, d, hk = idx.shape[0], tab.shape[1], _hk(idx)
+    n_exp = tab.shape[0] // m
+    b = _rows(tab).view(n_exp, m, d)
+    w = w.contiguous()
+    ends = expert_off + counts
+    out = tab.new_empty((T, d))
+    cols = max(64, ROWS_BYTES // max(1, w.shape[0] * tab.element_size()) // 64 * 64)
+    for c0 in range(0, d, cols):
+        wc = min(cols, d - c0)
+        rows = torch._grouped_mm(w, b if wc == d else b[:, :, c0:c0 + wc], offs=ends)
+        gs = GATHER_SUM
+        gather_sum[(triton.cdiv(T, gs["BT"]), triton.cdiv(wc, gs["BN"]))](
+            rows, inv, out[:, c0:], out.stride(0), T, hk, wc, **gs)
+    return out
+
+
+@_axpy_sorted_op.register_fake
+def _(w, idx, tab, m, *lay):
+    return tab.new_empty((idx.shape[0], tab.shape[1]))
 
 
 def _setup(ctx, inputs, output):
@@ -262,28 +327,37 @@ def _setup(ctx, inputs, output):
     ctx.m = m
 
 
-def _dot_backward(ctx, grad_s):
-    x, idx, tab, *lay = ctx.saved_tensors
-    gx = gt = None
-    if ctx.needs_input_grad[0]:
-        gx = torch.ops.megapeer.grouped_axpy(grad_s, idx, tab, ctx.m, *lay)
-    if ctx.needs_input_grad[2]:
-        gt = torch.ops.megapeer.grouped_scatter(grad_s, idx, x, tab.shape[0], ctx.m, *lay)
-    return (gx, None, gt, None) + (None,) * 5
+def _backwards(dot, axpy, in_expert_order):
+    """Autograd of a dot / axpy pair (token order, or [P, m] in expert order)."""
+    def dot_backward(ctx, grad_s):
+        x, idx, tab, *lay = ctx.saved_tensors
+        gx = gt = None
+        if ctx.needs_input_grad[0]:
+            gx = axpy(grad_s, idx, tab, ctx.m, *lay)
+        if ctx.needs_input_grad[2]:
+            gt = torch.ops.megapeer.grouped_scatter(grad_s, idx, x, tab.shape[0], ctx.m, *lay,
+                                                    coef_sorted=in_expert_order)
+        return (gx, None, gt, None) + (None,) * 6
+
+    def axpy_backward(ctx, grad_out):
+        w, idx, tab, *lay = ctx.saved_tensors
+        gw = gt = None
+        if ctx.needs_input_grad[0]:
+            gw = dot(grad_out, idx, tab, ctx.m, *lay)
+        if ctx.needs_input_grad[2]:
+            gt = torch.ops.megapeer.grouped_scatter(w, idx, grad_out, tab.shape[0], ctx.m, *lay,
+                                                    coef_sorted=in_expert_order)
+        return (gw, None, gt, None) + (None,) * 6
+    return dot_backward, axpy_backward
 
 
-def _axpy_backward(ctx, grad_out):
-    w, idx, tab, *lay = ctx.saved_tensors
-    gw = gt = None
-    if ctx.needs_input_grad[0]:
-        gw = torch.ops.megapeer.grouped_dot(grad_out, idx, tab, ctx.m, *lay)
-    if ctx.needs_input_grad[2]:
-        gt = torch.ops.megapeer.grouped_scatter(w, idx, grad_out, tab.shape[0], ctx.m, *lay)
-    return (gw, None, gt, None) + (None,) * 5
-
-
-torch.library.register_autograd("megapeer::grouped_dot", _dot_backward, setup_context=_setup)
-torch.library.register_autograd("megapeer::grouped_axpy", _axpy_backward, setup_context=_setup)
+for _sfx, _srt in (("", False), ("_sorted", True)):
+    _dot_bw, _axpy_bw = _backwards(getattr(torch.ops.megapeer, "grouped_dot" + _sfx),
+                                   getattr(torch.ops.megapeer, "grouped_axpy" + _sfx), _srt)
+    torch.library.register_autograd("megapeer::grouped_dot" + _sfx, _dot_bw,
+                                    setup_context=_setup)
+    torch.library.register_autograd("megapeer::grouped_axpy" + _sfx, _axpy_bw,
+                                    setup_context=_setup)
 
 
 def available():
@@ -298,19 +372,66 @@ def available():
     return False, "needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)"
 
 
-def gather_dot(x: Tensor, idx: Tensor, U: Tensor, m: int = 1) -> Tensor:
+def gather_dot(x: Tensor, idx: Tensor, U: Tensor, m: int = 1,
+               in_expert_order=False) -> Tensor:
+    """s [T, h, k, m]; in_expert_order: s [P, m] with the pairs sorted by expert."""
     idx = idx if idx.dtype == torch.long else idx.long()
-    return torch.ops.megapeer.grouped_dot(x, idx, U, int(m), *_layout(idx, U.shape[0] // m, m))
+    op = torch.ops.megapeer.grouped_dot_sorted if in_expert_order else torch.ops.megapeer.grouped_dot
+    return op(x, idx, U, int(m), *_layout(idx, U.shape[0] // m, m))
 
 
-def gather_axpy(w: Tensor, idx: Tensor, V: Tensor, m: int = 1) -> Tensor:
+def gather_axpy(w: Tensor, idx: Tensor, V: Tensor, m: int = 1, in_expert_order=False) -> Tensor:
+    """in_expert_order: w [P, m] with the pairs sorted by expert (what gather_dot gave)."""
     idx = idx if idx.dtype == torch.long else idx.long()
-    return torch.ops.megapeer.grouped_axpy(w, idx, V, int(m), *_layout(idx, V.shape[0] // m, m))
+    op = (torch.ops.megapeer.grouped_axpy_sorted if in_expert_order
+          else torch.ops.megapeer.grouped_axpy)
+    return op(w, idx, V, int(m), *_layout(idx, V.shape[0] // m, m))
+
+
+SORTED_FORM = True   # False: wide experts keep the token-ordered form (bench A/B)
+
+
+def takes_expert_order(a: Tensor, tab: Tensor, m: int) -> bool:
+    """Whether a layer step with activations `a` and table `tab` takes the expert-ordered
+    form: experts >= 128 wide (where the axpy writes a row per pair) whose rows
+    torch._grouped_mm takes (bf16 on a GPU; any dtype elsewhere, for the tests)."""
+    from . import peer_gmm
+    if not SORTED_FORM or _mb(m) < 128 or not hasattr(torch, "_grouped_mm"):
+        return False
+    if tab.is_cuda and not (tab.dtype == a.dtype == torch.bfloat16):
+        return False
+    return peer_gmm.supports(m, tab.shape[1], tab.dtype, tab.shape[0] // m, cuda=tab.is_cuda)
+
+
+class _ToExpertOrder(torch.autograd.Function):
+    """t [T, h, k] -> [P] in expert order; backward: back to pair order."""
+
+    @staticmethod
+    def forward(ctx, t, order, inv):
+        ctx.save_for_backward(inv)
+        ctx.shape = t.shape
+        return t.reshape(-1).index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, g):
+        inv, = ctx.saved_tensors
+        return g.index_select(0, inv).view(ctx.shape), None, None
+
+
+def to_expert_order(t: Tensor, idx: Tensor, n_exp: int, m: int) -> Tensor:
+    """Per-pair values t [T, h, k] (the gates) in the expert order of gather_dot's s."""
+    lay = _layout(idx if idx.dtype == torch.long else idx.long(), n_exp, m)
+    return _ToExpertOrder.apply(t, lay[0], lay[5])
 
 
 def peer_experts(x, idx, gates, U, V, act, m: int = 1):
-    """Single-process expert step on the grouped ops (as peer_ref.peer_experts)."""
-    return peer_ref.expert_step(gather_dot, gather_axpy, x, idx, gates, U, V, act, m)
+    """Single-process expert step on the grouped ops (as peer_ref.peer_experts), in the
+    expert-ordered form where takes_expert_order says so (as models/peer.py runs it)."""
+    if not takes_expert_order(x, U, m):
+        return peer_ref.expert_step(gather_dot, gather_axpy, x, idx, gates, U, V, act, m)
+    s = gather_dot(x, idx, U, m, in_expert_order=True)
+    w = act(s) * to_expert_order(gates, idx, U.shape[0] // m, m).unsqueeze(-1)
+    return gather_axpy(w, idx, V, m, in_expert_order=True)
 
 
 __all__ = ["available", "gather_dot", "gather_axpy", "peer_experts", "peer_ref"]

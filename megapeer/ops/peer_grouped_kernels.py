@@ -19,15 +19,17 @@ def _block(b, order, block_expert, block_start, expert_off, counts, hk,
     local = (b - tl.load(block_start + es)) * BM + tl.arange(0, BM)
     cnt = tl.where(e >= 0, tl.load(counts + es), 0)
     valid = local < cnt
-    pair = tl.load(order + tl.load(expert_off + es) + local, mask=valid, other=0).to(tl.int64)
-    return es.to(tl.int64), pair, pair // hk, valid
+    pos = tl.load(expert_off + es) + local        # place in the expert order
+    pair = tl.load(order + pos, mask=valid, other=0).to(tl.int64)
+    return es.to(tl.int64), pair, pair // hk, valid, pos.to(tl.int64)
 
 
 @triton.jit
 def peer_grouped_dot(x, ldx, tab, ldt, s, order, block_expert, block_start, expert_off,
-                     counts, hk, m, d, BM: tl.constexpr, MB: tl.constexpr, BK: tl.constexpr,
-                     MC: tl.constexpr, IEEE: tl.constexpr):
-    e, pair, tok, valid = _block(tl.program_id(0), order, block_expert, block_start,
+                     counts, inv, hk, m, d, BM: tl.constexpr, MB: tl.constexpr,
+                     BK: tl.constexpr, MC: tl.constexpr, IEEE: tl.constexpr,
+                     SORTED: tl.constexpr = False, INV_STORE: tl.constexpr = True):
+    e, pair, tok, valid, pos = _block(tl.program_id(0), order, block_expert, block_start,
                                  expert_off, counts, hk, BM)
     j = tl.program_id(1) * MC + tl.arange(0, MC)
     jv = j < m
@@ -44,8 +46,15 @@ def peer_grouped_dot(x, ldx, tab, ldt, s, order, block_expert, block_start, expe
             acc += tl.dot(xt, tl.trans(ut), input_precision="ieee")
         else:
             acc += tl.dot(xt, tl.trans(ut))
-    tl.store(s + pair[:, None] * m + j[None, :], acc.to(s.dtype.element_ty),
+    dst = pair
+    if SORTED:   # s in expert order, [P, m]: row pos (= inv[pair])
+        if INV_STORE:   # read from inv: stored as the token-ordered rows are (faster, H200)
+            dst = tl.load(inv + pair, mask=valid, other=0).to(tl.int64)
+        else:
+            dst = pos
+    tl.store(s + dst[:, None] * m + j[None, :], acc.to(s.dtype.element_ty),
              mask=valid[:, None] & jv[None, :])
+
 
 @triton.jit
 def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, expert_off,
@@ -58,8 +67,8 @@ def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, exp
         b, nt = pid // n_tiles, pid % n_tiles
     else:
         b, nt = pid % n_blocks, pid // n_blocks
-    e, pair, tok, valid = _block(b, order, block_expert, block_start, expert_off, counts,
-                                 hk, BM)
+    e, pair, tok, valid, _ = _block(b, order, block_expert, block_start, expert_off,
+                                    counts, hk, BM)
     n = nt * BN + tl.arange(0, BN)
     nm = n < d
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -85,7 +94,7 @@ def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, exp
 def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m, d, n_exp,
                          BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
                          MC: tl.constexpr, IEEE: tl.constexpr, LOCAL: tl.constexpr,
-                         PREFETCH: tl.constexpr):
+                         PREFETCH: tl.constexpr, SORTED: tl.constexpr = False):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(d, BN)
     if LOCAL:   # an expert's (d-tile, chunk) programs in a row: its rows stay in L2
@@ -112,7 +121,8 @@ def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m,
         else:
             pair = tl.load(order + off + local, mask=valid, other=0).to(tl.int64)
         tok = pair // hk
-        c = tl.load(coef + pair[:, None] * m + j[None, :], mask=valid[:, None] & jv[None, :],
+        crow = (off + local).to(tl.int64) if SORTED else pair   # SORTED: coef by expert
+        c = tl.load(coef + crow[:, None] * m + j[None, :], mask=valid[:, None] & jv[None, :],
                     other=0.0)
         sx = tl.load(src + tok[:, None] * lds + n[None, :], mask=valid[:, None] & nm[None, :],
                      other=0.0)
@@ -122,3 +132,20 @@ def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m,
             acc += tl.dot(tl.trans(c), sx)
     tl.store(grad + (e * m + j)[:, None] * d + n[None, :], acc.to(grad.dtype.element_ty),
              mask=jv[:, None] & nm[None, :])
+
+
+@triton.jit
+def peer_gather_sum(rows, inv, out, ldo, T, hk, d, BT: tl.constexpr, BN: tl.constexpr):
+    """out[t, :d] = sum over the token's hk pairs of rows[inv[t * hk + s]], in fp32 and in
+    pair order: the per-token sum of pair rows [P, d] stored in expert order."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    tv = t < T
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nm = n < d
+    acc = tl.zeros((BT, BN), dtype=tl.float32)
+    for s in range(0, hk):
+        r = tl.load(inv + t.to(tl.int64) * hk + s, mask=tv, other=0).to(tl.int64)
+        acc += tl.load(rows + r[:, None] * d + n[None, :], mask=tv[:, None] & nm[None, :],
+                       other=0.0).to(tl.float32)
+    tl.store(out + t.to(tl.int64)[:, None] * ldo + n[None, :], acc.to(out.dtype.element_ty),
+             mask=tv[:, None] & nm[None, :])

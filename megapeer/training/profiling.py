@@ -33,7 +33,7 @@ def kernel_category(name, cat="kernel"):
         return "memory copies"
     if "nccl" in n:
         return "communication (NCCL)"
-    if "megapeer::" in n or "peer_grouped" in n:
+    if "megapeer::" in n or "peer_grouped" in n or "peer_gather_sum" in n:
         return "PEER kernels"
     if any(s in n for s in ("flash", "fmha", "sdpa", "attention", "attn")):
         return "attention"

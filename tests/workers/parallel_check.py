@@ -77,7 +77,9 @@ def logits(chunks):
 
 
 def build(overrides, world):
-    cfg = load_config(overrides=BASE + overrides, world_size=world)
+    # PARALLEL_EXTRA: more overrides, e.g. another PEER kernel (tests/test_peer_grouped.py)
+    extra = os.environ.get("PARALLEL_EXTRA", "").split()
+    cfg = load_config(overrides=BASE + extra + overrides, world_size=world)
     init_model_parallel(cfg.parallel, seed=1234)
     return cfg, build_model_chunks(cfg, transformer_config(cfg.model, cfg.parallel,
                                                            cfg.training))

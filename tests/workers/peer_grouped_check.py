@@ -43,6 +43,7 @@ def run(case, dev):
     for i, nm in enumerate(["out", "x", "U", "V", "gates"]):
         r, a = out["ref"][i].cpu(), out["grp"][i].cpu()
         errs[nm] = float((a - r).abs().max() / r.abs().max().clamp(min=1e-30))
+    errs["expert_order"] = float(peer_grouped.takes_expert_order(x.to(dev), U.to(dev), m))
     return errs
 
 
@@ -108,16 +109,17 @@ def deterministic(dev):
         peer_grouped.DET_COLS = saved
 
 
-def wide_rows(dev):
+def wide_rows(dev, expert_order=True):
     """Experts >= 128 wide: the axpy writes one row per pair in column passes (ROWS_BYTES
-    made tiny: passes of 256, 256 and 88 columns), outside deterministic mode: reference
-    values and bitwise-equal repeats."""
-    saved = peer_grouped.ROWS_BYTES
-    peer_grouped.ROWS_BYTES = 1
+    made tiny: passes of 256, 256 and 88 columns in the token-ordered form, 64-column
+    passes in the expert-ordered one), outside deterministic mode: reference values and
+    bitwise-equal repeats."""
+    saved = peer_grouped.ROWS_BYTES, peer_grouped.SORTED_FORM
+    peer_grouped.ROWS_BYTES, peer_grouped.SORTED_FORM = 1, expert_order
     try:
         return _repeats(dev, (24, 600, 3, 128, 2, 2), 13)
     finally:
-        peer_grouped.ROWS_BYTES = saved
+        peer_grouped.ROWS_BYTES, peer_grouped.SORTED_FORM = saved
 
 
 def other_settings(dev):
@@ -129,16 +131,23 @@ def other_settings(dev):
         with peer_grouped.tiles_changed(**change):
             for c in ("m16", "m32_hot", "m100_chunked"):
                 res[f"{name}_{c}"] = run(c, dev)
+    peer_grouped.SORTED_FORM = False   # wide experts in the token-ordered form
+    try:
+        for c in ("m100_chunked", "m300_chunked"):
+            res[f"token_order_{c}"] = run(c, dev)
+        res["token_order_wide_rows"] = wide_rows(dev, expert_order=False)
+    finally:
+        peer_grouped.SORTED_FORM = True
     return res
 
 
-def host_syncs(dev):
+def host_syncs(dev, shape=CASES["m16"], dtype=torch.float32):
     """A forward + backward under torch.cuda.set_sync_debug_mode("error"): the error text
     of the first operation that would wait for the GPU, or "" (no host sync)."""
-    T, d, n, m, h, k = CASES["m16"]
-    leaves = [torch.randn(T, d, device=dev, requires_grad=True),
-              *(torch.randn(n * m, d, device=dev, requires_grad=True) for _ in range(2)),
-              torch.rand(T, h, k, device=dev, requires_grad=True)]
+    T, d, n, m, h, k = shape
+    kw = dict(device=dev, dtype=dtype, requires_grad=True)
+    leaves = [torch.randn(T, d, **kw), *(torch.randn(n * m, d, **kw) for _ in range(2)),
+              torch.rand(T, h, k, **kw)]
     idx = torch.randint(0, n, (T, h, k), device=dev)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -185,9 +194,16 @@ def main():
     res.update(other_settings(dev))
     if dev == "cuda":
         res["host_syncs"] = host_syncs(dev)
+        res["host_syncs_expert_order"] = host_syncs(dev, (64, 256, 4, 128, 2, 4), torch.bfloat16)
         res["bf16"] = bf16_errors(dev)
         # experts 128 wide (the row-form axpy, 128-pair blocks), ~512 pairs per expert
         res["bf16_wide"] = bf16_errors(dev, T=512, d=512, n=8, m=128, h=2, k=4)
+        saved = peer_grouped.ROWS_BYTES   # the same in 64-column passes (strided table slices)
+        peer_grouped.ROWS_BYTES = 1
+        try:
+            res["bf16_wide_passes"] = bf16_errors(dev, T=512, d=512, n=8, m=128, h=2, k=4)
+        finally:
+            peer_grouped.ROWS_BYTES = saved
     print(json.dumps(res))
     return 0
 
