@@ -11,7 +11,8 @@ axpy always writes one row per pair); the axpy and scatter in their other grid o
 (LOCAL off) and the scatter with its pair ids loaded a step ahead (PREFETCH): the
 benchmarks' comparisons. Experts >= 128 wide take the expert-ordered form (s and w sorted
 by expert, the axpy as torch's grouped GEMM + a per-token sum): checked as above, and the
-token-ordered form for them too (SORTED_FORM off); through the model under TP2, EP2 and
+token-ordered form for them too (SORTED_FORM off), and both forms under torch.compile;
+through the model under TP2, EP2 and
 DP2 against the single-process reference path (the parallel tests' tolerances). On a GPU:
 no host synchronisation in a forward + backward (torch.cuda.set_sync_debug_mode("error")),
 in both forms.

@@ -45,6 +45,7 @@ interpreter on CPU; bf16 on a GPU). Timings: docs/benchmarks.md ("Grouped Triton
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import Tensor
@@ -327,37 +328,29 @@ def _setup(ctx, inputs, output):
     ctx.m = m
 
 
-def _backwards(dot, axpy, in_expert_order):
-    """Autograd of a dot / axpy pair (token order, or [P, m] in expert order)."""
-    def dot_backward(ctx, grad_s):
-        x, idx, tab, *lay = ctx.saved_tensors
-        gx = gt = None
-        if ctx.needs_input_grad[0]:
-            gx = axpy(grad_s, idx, tab, ctx.m, *lay)
-        if ctx.needs_input_grad[2]:
-            gt = torch.ops.megapeer.grouped_scatter(grad_s, idx, x, tab.shape[0], ctx.m, *lay,
-                                                    coef_sorted=in_expert_order)
-        return (gx, None, gt, None) + (None,) * 6
-
-    def axpy_backward(ctx, grad_out):
-        w, idx, tab, *lay = ctx.saved_tensors
-        gw = gt = None
-        if ctx.needs_input_grad[0]:
-            gw = dot(grad_out, idx, tab, ctx.m, *lay)
-        if ctx.needs_input_grad[2]:
-            gt = torch.ops.megapeer.grouped_scatter(w, idx, grad_out, tab.shape[0], ctx.m, *lay,
-                                                    coef_sorted=in_expert_order)
-        return (gw, None, gt, None) + (None,) * 6
-    return dot_backward, axpy_backward
+def _backward(ctx, g, other, coef_is_grad, in_expert_order):
+    """Gradients of a dot (s = dot(x)) or an axpy (out = axpy(w)) from its output's g: the
+    input's through the other op, the table's through the scatter (the dot's coefficients
+    are g, over the saved x; the axpy's the saved w, over g)."""
+    a, idx, tab, *lay = ctx.saved_tensors
+    ga = gt = None
+    if ctx.needs_input_grad[0]:
+        ga = other(g, idx, tab, ctx.m, *lay)
+    if ctx.needs_input_grad[2]:
+        coef, src = (g, a) if coef_is_grad else (a, g)
+        gt = torch.ops.megapeer.grouped_scatter(coef, idx, src, tab.shape[0], ctx.m, *lay,
+                                                coef_sorted=in_expert_order)
+    return (ga, None, gt, None) + (None,) * 6
 
 
-for _sfx, _srt in (("", False), ("_sorted", True)):
-    _dot_bw, _axpy_bw = _backwards(getattr(torch.ops.megapeer, "grouped_dot" + _sfx),
-                                   getattr(torch.ops.megapeer, "grouped_axpy" + _sfx), _srt)
-    torch.library.register_autograd("megapeer::grouped_dot" + _sfx, _dot_bw,
-                                    setup_context=_setup)
-    torch.library.register_autograd("megapeer::grouped_axpy" + _sfx, _axpy_bw,
-                                    setup_context=_setup)
+for _sfx, _srt in (("", False), ("_sorted", True)):   # token order; [P, m] in expert order
+    _d, _a = (getattr(torch.ops.megapeer, n + _sfx) for n in ("grouped_dot", "grouped_axpy"))
+    torch.library.register_autograd(
+        "megapeer::grouped_dot" + _sfx, functools.partial(
+            _backward, other=_a, coef_is_grad=True, in_expert_order=_srt), setup_context=_setup)
+    torch.library.register_autograd(
+        "megapeer::grouped_axpy" + _sfx, functools.partial(
+            _backward, other=_d, coef_is_grad=False, in_expert_order=_srt), setup_context=_setup)
 
 
 def available():

@@ -141,6 +141,29 @@ def other_settings(dev):
     return res
 
 
+def compiled(dev):
+    """The expert step under torch.compile (as compiled layers run it): wide experts (the
+    expert-ordered form where the dtype takes it) and narrow ones, against the reference."""
+    res = {}
+    for case in ("m16", "m100_chunked"):
+        T, d, n, m, h, k = CASES[case]
+        g = torch.Generator().manual_seed(5)
+        idx = torch.randint(0, n, (T, h, k), generator=g).to(dev)
+        base = [torch.randn(T, d, generator=g), torch.randn(n * m, d, generator=g),
+                torch.randn(n * m, d, generator=g), torch.randn(T, h, k, generator=g).softmax(-1)]
+        go = torch.randn(T, d, generator=g).to(dev)
+        outs = []
+        for fn in (peer_ref.peer_experts, torch.compile(peer_grouped.peer_experts)):
+            leaves = [t.to(dev).requires_grad_() for t in base]
+            y = fn(leaves[0], idx, leaves[3], leaves[1], leaves[2], F.gelu, m)
+            y.backward(go)
+            outs.append([y.detach()] + [t.grad for t in leaves])
+        res[f"compiled_{case}"] = {
+            nm: float((a - r).abs().max() / r.abs().max())
+            for nm, a, r in zip(["out", "x", "U", "V", "gates"], outs[1], outs[0])}
+    return res
+
+
 def host_syncs(dev, shape=CASES["m16"], dtype=torch.float32):
     """A forward + backward under torch.cuda.set_sync_debug_mode("error"): the error text
     of the first operation that would wait for the GPU, or "" (no host sync)."""
@@ -192,6 +215,7 @@ def main():
     res["deterministic"] = deterministic(dev)
     res["wide_rows"] = wide_rows(dev)
     res.update(other_settings(dev))
+    res.update(compiled(dev))
     if dev == "cuda":
         res["host_syncs"] = host_syncs(dev)
         res["host_syncs_expert_order"] = host_syncs(dev, (64, 256, 4, 128, 2, 4), torch.bfloat16)
