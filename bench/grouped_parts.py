@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.grouped_tune import SHAPES  # noqa: E402
+from bench.grouped_tune import SHAPES, header  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -58,9 +58,7 @@ def main():
     from megapeer.ops import peer_grouped as pg
     from megapeer.ops.peer_grouped_kernels import peer_gather_sum
     dev, bf = "cuda", dict(device="cuda", dtype=torch.bfloat16)
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "triton": triton.__version__, "rows": []}
-    print(out["device"], out["torch"], "triton", out["triton"], flush=True)
+    out = header("rows")
     for shape in args.shapes.split(","):
         T, d, E, h, k, m = SHAPES[shape]
         g = torch.Generator(device=dev).manual_seed(0)

@@ -30,6 +30,16 @@ KERNELS = ("dot", "axpy", "axpy_store", "scatter")
 DEV = "cuda"
 
 
+def header(key):
+    """The run's card, torch and Triton (printed, and in the JSON), with an empty list under
+    key for its rows (shared with bench/grouped_parts.py)."""
+    import triton
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": triton.__version__, key: []}
+    print(out["device"], out["torch"], "triton", out["triton"], flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="reuse,wide")
@@ -49,6 +59,8 @@ def main():
         unknown = set(given.split(",")) - set(known)
         if unknown:
             ap.error(f"{flag}: unknown {sorted(unknown)}; choose from {', '.join(known)}")
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (the kernels are timed there)")
     import triton
     import triton.testing
 
@@ -56,9 +68,7 @@ def main():
     from megapeer.ops import peer_grouped_kernels as pk
 
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "triton": triton.__version__, "results": []}
-    print(out["device"], out["torch"], "triton", out["triton"], flush=True)
+    out = header("results")
     for shape in args.shapes.split(","):
         T, d, n_exp, h, k, m = SHAPES[shape]
         g = torch.Generator(device=DEV).manual_seed(0)
