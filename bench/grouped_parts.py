@@ -17,29 +17,16 @@ call 37, were timed by this script at commit 2e4fa2e and then removed: no gain.)
   python3 bench/grouped_parts.py [--shapes wider_mb2,wider] [--json out.json]
 """
 import argparse
-import contextlib
 import json
 import os
 import sys
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.grouped_tune import SHAPES, header  # noqa: E402
-
-
-@contextlib.contextmanager
-def _patched(mod, **values):
-    """Module settings (e.g. peer_grouped.ROWS_BYTES) changed for one timed form."""
-    saved = {k: getattr(mod, k) for k in values}
-    for k, v in values.items():
-        setattr(mod, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(mod, k, v)
 
 
 def main():
@@ -86,7 +73,7 @@ def main():
                                                 U.view(E, m, d), offs=offs))
 
         def axpy(**settings):   # the op with peer_grouped settings changed
-            with _patched(pg, **settings):
+            with mock.patch.multiple(pg, **settings):   # e.g. ROWS_BYTES
                 return torch.ops.megapeer.grouped_axpy(w, idx, U, m, *lay)
 
         def dot_sorted_pos():   # the sorted store's row ids from its own arithmetic

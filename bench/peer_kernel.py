@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -179,12 +180,8 @@ def measure_prev(p, warmup, reps):
 def measure_token_order(p, warmup, reps):
     """The grouped path with wide experts in the token-ordered form (before the
     expert-ordered one: the Triton row-form axpy), for a same-run comparison."""
-    saved = peer_grouped.SORTED_FORM
-    peer_grouped.SORTED_FORM = False
-    try:
+    with mock.patch.object(peer_grouped, "SORTED_FORM", False):
         return measure_step(p, peer_grouped, warmup, reps)
-    finally:
-        peer_grouped.SORTED_FORM = saved
 
 
 def measure_accum(p, mod, warmup, reps):

@@ -82,20 +82,6 @@ class _Collect(torch.autograd.Function):
         return _spread(g, tok), None, None, None
 
 
-class _Permute(torch.autograd.Function):
-    """rows[perm] for a permutation; backward: grad[inverse]."""
-
-    @staticmethod
-    def forward(ctx, rows, perm, inv):
-        ctx.save_for_backward(inv)
-        return rows.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, g):
-        inv, = ctx.saved_tensors
-        return g.index_select(0, inv), None, None
-
-
 # torch._grouped_mm behind custom ops: its fake (meta) function accepts bf16 only, while
 # the eager op also runs fp32 (loop of matmuls), which the CPU tests and fp32 runs use.
 @torch.library.custom_op("megapeer::gmm", mutates_args=())
@@ -170,14 +156,14 @@ def gather_dot(x: Tensor, idx: Tensor, U: Tensor, m: int = 1) -> Tensor:
     tok, order, inv, offs = _layout(idx, n_exp)
     xp = _Spread.apply(x, tok, inv)                                       # [P, d]
     sp = torch.ops.megapeer.gmm(xp, U.view(n_exp, m, d).transpose(1, 2), offs)   # [P, m]
-    return _Permute.apply(sp, inv, order).view(*idx.shape, m)
+    return peer_ref.Permute.apply(sp, inv, order).view(*idx.shape, m)
 
 
 def gather_axpy(w: Tensor, idx: Tensor, V: Tensor, m: int = 1) -> Tensor:
     _check(w, V, m)
     n_exp, d = V.shape[0] // m, V.shape[1]
     tok, order, inv, offs = _layout(idx, n_exp)
-    wp = _Permute.apply(w.reshape(-1, m), order, inv)                    # [P, m]
+    wp = peer_ref.Permute.apply(w.reshape(-1, m), order, inv)           # [P, m]
     yp = torch.ops.megapeer.gmm(wp, V.view(n_exp, m, d), offs)           # [P, d]
     return _Collect.apply(yp, tok, inv, idx.shape[0])
 

@@ -308,10 +308,10 @@ def _axpy_sorted_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor,
     ends = expert_off + counts
     out = tab.new_empty((T, d))
     cols = max(64, ROWS_BYTES // max(1, w.shape[0] * tab.element_size()) // 64 * 64)
+    gs = GATHER_SUM
     for c0 in range(0, d, cols):
         wc = min(cols, d - c0)
         rows = torch._grouped_mm(w, b if wc == d else b[:, :, c0:c0 + wc], offs=ends)
-        gs = GATHER_SUM
         gather_sum[(triton.cdiv(T, gs["BT"]), triton.cdiv(wc, gs["BN"]))](
             rows, inv, out[:, c0:], out.stride(0), T, hk, wc, **gs)
     return out
@@ -396,25 +396,10 @@ def takes_expert_order(a: Tensor, tab: Tensor, m: int) -> bool:
     return peer_gmm.supports(m, tab.shape[1], tab.dtype, tab.shape[0] // m, cuda=tab.is_cuda)
 
 
-class _ToExpertOrder(torch.autograd.Function):
-    """t [T, h, k] -> [P] in expert order; backward: back to pair order."""
-
-    @staticmethod
-    def forward(ctx, t, order, inv):
-        ctx.save_for_backward(inv)
-        ctx.shape = t.shape
-        return t.reshape(-1).index_select(0, order)
-
-    @staticmethod
-    def backward(ctx, g):
-        inv, = ctx.saved_tensors
-        return g.index_select(0, inv).view(ctx.shape), None, None
-
-
 def to_expert_order(t: Tensor, idx: Tensor, n_exp: int, m: int) -> Tensor:
     """Per-pair values t [T, h, k] (the gates) in the expert order of gather_dot's s."""
     lay = _layout(idx if idx.dtype == torch.long else idx.long(), n_exp, m)
-    return _ToExpertOrder.apply(t, lay[0], lay[5])
+    return peer_ref.Permute.apply(t.reshape(-1), lay[0], lay[5])
 
 
 def peer_experts(x, idx, gates, U, V, act, m: int = 1):

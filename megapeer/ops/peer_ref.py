@@ -10,8 +10,8 @@ tensor-parallel all-reduce of the partial dot products fits between them:
 Shapes: x [T, d]; idx [T, h, k] int64 in [0, N); U, V [N*m, d] (m = expert hidden
 size, 1 for single-neuron experts); s and w [T, h, k, m]; out [T, d].
 Autograd flows to x, U, w and V. The fused CUDA kernels (ops/peer_cuda.py) compute
-the same two functions; this file is their reference. LayoutCache (below) serves the two
-grouped paths (peer_grouped.py, peer_gmm.py), which sort the pairs by expert.
+the same two functions; this file is their reference. LayoutCache and Permute (below)
+serve the two grouped paths (peer_grouped.py, peer_gmm.py), which sort the pairs by expert.
 """
 import weakref
 
@@ -46,6 +46,21 @@ def expert_step(dot, axpy, x, idx, gates, U, V, act, m: int = 1):
 def peer_experts(x, idx, gates, U, V, act, m: int = 1):
     """Single-process expert step on the reference ops."""
     return expert_step(gather_dot, gather_axpy, x, idx, gates, U, V, act, m)
+
+
+class Permute(torch.autograd.Function):
+    """rows[perm] for a permutation (the pairs into or out of expert order, on the grouped
+    paths); backward: grad[inverse]."""
+
+    @staticmethod
+    def forward(ctx, rows, perm, inv):
+        ctx.save_for_backward(inv)
+        return rows.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, g):
+        inv, = ctx.saved_tensors
+        return g.index_select(0, inv), None, None
 
 
 class LayoutCache:

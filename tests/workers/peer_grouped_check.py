@@ -6,6 +6,7 @@ to the largest magnitude of the reference, in fp32.
 """
 import json
 import sys
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -114,12 +115,8 @@ def wide_rows(dev, expert_order=True):
     made tiny: passes of 256, 256 and 88 columns in the token-ordered form, 64-column
     passes in the expert-ordered one), outside deterministic mode: reference values and
     bitwise-equal repeats."""
-    saved = peer_grouped.ROWS_BYTES, peer_grouped.SORTED_FORM
-    peer_grouped.ROWS_BYTES, peer_grouped.SORTED_FORM = 1, expert_order
-    try:
+    with mock.patch.multiple(peer_grouped, ROWS_BYTES=1, SORTED_FORM=expert_order):
         return _repeats(dev, (24, 600, 3, 128, 2, 2), 13)
-    finally:
-        peer_grouped.ROWS_BYTES, peer_grouped.SORTED_FORM = saved
 
 
 def other_settings(dev):
@@ -131,13 +128,10 @@ def other_settings(dev):
         with peer_grouped.tiles_changed(**change):
             for c in ("m16", "m32_hot", "m100_chunked"):
                 res[f"{name}_{c}"] = run(c, dev)
-    peer_grouped.SORTED_FORM = False   # wide experts in the token-ordered form
-    try:
+    with mock.patch.object(peer_grouped, "SORTED_FORM", False):   # the token-ordered form
         for c in ("m100_chunked", "m300_chunked"):
             res[f"token_order_{c}"] = run(c, dev)
-        res["token_order_wide_rows"] = wide_rows(dev, expert_order=False)
-    finally:
-        peer_grouped.SORTED_FORM = True
+    res["token_order_wide_rows"] = wide_rows(dev, expert_order=False)
     return res
 
 
@@ -222,12 +216,9 @@ def main():
         res["bf16"] = bf16_errors(dev)
         # experts 128 wide (the row-form axpy, 128-pair blocks), ~512 pairs per expert
         res["bf16_wide"] = bf16_errors(dev, T=512, d=512, n=8, m=128, h=2, k=4)
-        saved = peer_grouped.ROWS_BYTES   # the same in 64-column passes (strided table slices)
-        peer_grouped.ROWS_BYTES = 1
-        try:
+        # the same in 64-column passes (strided table slices)
+        with mock.patch.object(peer_grouped, "ROWS_BYTES", 1):
             res["bf16_wide_passes"] = bf16_errors(dev, T=512, d=512, n=8, m=128, h=2, k=4)
-        finally:
-            peer_grouped.ROWS_BYTES = saved
     print(json.dumps(res))
     return 0
 
