@@ -17,6 +17,7 @@ call 37, were timed by this script at commit 2e4fa2e and then removed: no gain.)
   python3 bench/grouped_parts.py [--shapes wider_mb2,wider] [--json out.json]
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -73,7 +74,7 @@ def main():
                                                 U.view(E, m, d), offs=offs))
 
         def axpy(**settings):   # the op with peer_grouped settings changed
-            with mock.patch.multiple(pg, **settings):   # e.g. ROWS_BYTES
+            with mock.patch.multiple(pg, **settings) if settings else contextlib.nullcontext():
                 return torch.ops.megapeer.grouped_axpy(w, idx, U, m, *lay)
 
         def dot_sorted_pos():   # the sorted store's row ids from its own arithmetic

@@ -117,3 +117,40 @@ def test_grad_norm_without_per_tensor_host_reads(world1, monkeypatch):
     assert len(fast) == len(slow) == 4
     for a, b in zip(fast, slow):
         assert abs(a - b) <= 1e-6 * abs(b), (fast, slow)
+
+
+def test_foreach_scale_matches_megatrons_local_helper(world1, monkeypatch):
+    """The foreach stand-in for Megatron's local multi-tensor scale (main -> bf16 model
+    parameter copies, clipped gradients): bitwise Megatron's helper on fresh random
+    tensors (fp32 -> bf16 and fp32 -> fp32 copies, in-place and out-of-place scales), and
+    the same clipped training losses (1e-6)."""
+    import torch
+    from megatron.core import utils as mutils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as moptimizer
+    from megapeer.training import optimizer as O
+    assert O.foreach_scale_copy()
+    assert moptimizer.multi_tensor_scale_impl is clip_grads.multi_tensor_scale_impl is O.foreach_scale
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    shapes = ((7,), (3, 5), (64, 33), (1,), (2, 3, 4))
+    for dtype in (torch.bfloat16, torch.float32):
+        for scale in (1.0, 0.37):
+            src = [torch.randn(*s, generator=g) * 10 for s in shapes]
+            ours = [torch.empty(*s, dtype=dtype) for s in shapes]
+            ref = [torch.empty(*s, dtype=dtype) for s in shapes]
+            O.foreach_scale(65536, None, [src, ours], scale)
+            mutils.local_multi_tensor_scale(65536, None, [src, ref], scale)
+            assert all(torch.equal(a, b) for a, b in zip(ours, ref)), (dtype, scale)
+    grads = [torch.randn(*s, generator=g) for s in shapes]
+    ref = [t * 0.37 for t in grads]
+    O.foreach_scale(65536, None, [grads, grads], 0.37)   # as clip_grads calls it
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref))
+    clip = ["training.clip_grad=0.05", "training.precision=bf16"]
+    fast = _losses(world1, clip)
+    monkeypatch.setattr(O, "foreach_scale_copy", lambda: False)
+    for mod in (clip_grads, moptimizer):
+        monkeypatch.setattr(mod, "multi_tensor_scale_impl", mutils.local_multi_tensor_scale)
+    slow = _losses(world1, clip)
+    assert len(fast) == len(slow) == 4
+    for a, b in zip(fast, slow):
+        assert abs(a - b) <= 1e-6 * abs(b), (fast, slow)

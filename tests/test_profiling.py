@@ -75,3 +75,36 @@ def test_cpu_run_summary_says_so():
                          _x("aten::mm", "cpu_op", 10, 100)])
     assert s["device_kernels"] == 0
     assert "no GPU kernels recorded" in format_summary(s)
+
+
+def test_idle_split_by_what_the_gpu_waited_for():
+    L = dict(pid=1, tid=7)
+    ev = [
+        _x("megapeer.step", "user_annotation", 0, 1000),
+        _x("k0", "kernel", 0, 100, args={"correlation": 1}),
+        # gap 100..300: k1 launched at 250 inside Optimizer.step > aten::_fused_adam_,
+        # after a stream synchronisation that ended at 200 (inside the gap)
+        _x("cudaStreamSynchronize", "cuda_runtime", 120, 80, **L),
+        _x("Optimizer.step", "cpu_op", 200, 100, **L),
+        _x("aten::_fused_adam_", "cpu_op", 240, 20, **L),
+        _x("cudaLaunchKernel", "cuda_runtime", 250, 5, args={"correlation": 2}, **L),
+        _x("k1", "kernel", 300, 100, args={"correlation": 2}),
+        # gap 400..450: k2 was launched at 50, long before: a device-side wait
+        _x("cudaLaunchKernel", "cuda_runtime", 50, 5, args={"correlation": 3}, **L),
+        _x("k2", "kernel", 450, 100, args={"correlation": 3}),
+        # gap 550..555 is under MIN_GAP_US; then 560..900 host-bound in a nested forward
+        _x("k3", "kernel", 555, 5, args={"correlation": 4}),
+        _x("forward", "cpu_op", 600, 300, **L),
+        _x("aten::linear", "cpu_op", 700, 200, **L),
+        _x("aten::mm", "cpu_op", 800, 50, **L),
+        _x("aten::x", "cpu_op", 810, 30, **L),
+        _x("cudaLaunchKernel", "cuda_runtime", 820, 5, args={"correlation": 5}, **L),
+        _x("k4", "kernel", 900, 100, args={"correlation": 5}),
+    ]
+    s = summarize_trace(ev)
+    got = {c["cause"]: round(c["ms"] * 1e3) for c in s["idle_causes"]}
+    assert got == {"host: forward > aten::linear > ... > aten::x": 340,
+                   "cudaStreamSynchronize then host: Optimizer.step > aten::_fused_adam_": 200,
+                   "device: launched before the gap": 50}
+    assert s["idle_ms"] * 1e3 == pytest.approx(340 + 200 + 50 + 5)
+    assert "by what the GPU waited for" in format_summary(s)

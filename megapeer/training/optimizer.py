@@ -29,6 +29,7 @@ def build_optimizer(chunks, t, dtype, distributed=None):
         overrides[ParamKey(attr="peer_table")] = ParamGroupOverride(
             wd_mult=t.peer_weight_decay / t.weight_decay)
     sync_free_grad_norm()
+    foreach_scale_copy()
     opt = get_megatron_optimizer(cfg, chunks, config_overrides=overrides)
     opt.megapeer_fused_adam = bool(t.fused_adam)
     use_fused_adam(opt)
@@ -53,6 +54,35 @@ def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     a float32 tensor of shape [1], None)."""
     tensors = [t for group in tensor_lists for t in group]
     return torch.nn.utils.get_total_norm(tensors, 2.0).float().reshape(1), None
+
+
+def foreach_scale_copy() -> bool:
+    """Without Transformer Engine or apex, Megatron copies the fp32 main parameters into
+    the bf16 model parameters after each step (and scales clipped gradients) with its
+    local helper (utils.local_multi_tensor_scale): `dst.copy_(src * scale)` per tensor,
+    i.e. two kernels and an fp32 temporary per parameter tensor. Use torch's foreach ops
+    instead: one copy (scale 1) or one in-place multiply, a few launches for all tensors,
+    the same values. Returns whether it was installed."""
+    from megatron.core import utils as mutils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as moptimizer
+    for mod in (clip_grads, moptimizer):
+        if mod.multi_tensor_scale_impl is mutils.local_multi_tensor_scale:
+            mod.multi_tensor_scale_impl = foreach_scale
+    return all(mod.multi_tensor_scale_impl is foreach_scale for mod in (clip_grads, moptimizer))
+
+
+def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for Megatron's local_multi_tensor_scale: dst = src * scale, per pair."""
+    src, dst = list(tensor_lists[0]), list(tensor_lists[1])
+    if not src:
+        return
+    if scale == 1.0:
+        torch._foreach_copy_(dst, src)
+    elif all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
 
 
 def _fusable(p) -> bool:

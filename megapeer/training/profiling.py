@@ -5,6 +5,9 @@ Chrome trace per rank and a summary that sorts every GPU kernel into a category:
 
   GEMM, attention, PEER kernels, communication (NCCL), optimizer, memory copies,
   elementwise / norms / other, and idle (step wall time with no kernel running).
+The idle time is also split by cause: for each gap, what the GPU waited for (the CPU
+operators that launched the kernel ending it, after a host synchronisation if one
+ended inside the gap).
 
 Code wrapped in `record_function(label)` for a label in LABELS is also reported on
 its own (kernels launched from inside the label's CPU span, matched by correlation
@@ -12,6 +15,7 @@ id): PEER's collectives, forward and backward (`peer.comm`), and the data-parall
 gradient reduction (`grad_sync`).
 See docs/profile.md.
 """
+import bisect
 import json
 import logging
 import os
@@ -57,6 +61,85 @@ def _union(intervals):
     return total
 
 
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
+              "cudaMemcpy", "cudaMemcpyAsync", "cudaStreamWaitEvent")
+MIN_GAP_US = 10.0
+
+
+def _op_tree(ev):
+    """Per (pid, tid): CPU operators sorted by start, with each one's parent index."""
+    by_thread = {}
+    for e in ev:
+        if e.get("cat") in ("cpu_op", "user_annotation") and e.get("name") != STEP:
+            by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(
+                (e["ts"], e["ts"] + e["dur"], e["name"]))
+    trees = {}
+    for key, ops in by_thread.items():
+        ops.sort(key=lambda o: (o[0], -o[1]))
+        parent, stack = [], []
+        for i, (a, b, _) in enumerate(ops):
+            while stack and ops[stack[-1]][1] < b:
+                stack.pop()
+            parent.append(stack[-1] if stack else -1)
+            stack.append(i)
+        trees[key] = (ops, [o[0] for o in ops], parent)
+    return trees
+
+
+def _chain(trees, pid, tid, ts):
+    """Names of the CPU operators around time ts on a thread, outermost first."""
+    tree = trees.get((pid, tid))
+    if tree is None:
+        return []
+    ops, starts, parent = tree
+    i = bisect.bisect_right(starts, ts) - 1
+    while i >= 0 and ops[i][1] < ts:
+        i = parent[i]
+    names = []
+    while i >= 0:
+        names.append(ops[i][2])
+        i = parent[i]
+    return names[::-1]
+
+
+def _cause(chain):
+    if not chain:
+        return "no CPU operator around the launch"
+    if len(chain) <= 3:
+        return " > ".join(chain)
+    return " > ".join(chain[:2]) + " > ... > " + chain[-1]
+
+
+def idle_causes(ev, kernels, lo, hi, launch, top=10):
+    """Idle gaps (>= MIN_GAP_US) between the GPU's busy intervals in [lo, hi], summed by
+    cause: 'host: <ops>' when the kernel ending the gap was launched after the gap began
+    (the GPU waited for the host; '<sync> then' when a synchronising call ended inside
+    the gap), 'device: launched before the gap' otherwise. Returns [(cause, us, gaps)]."""
+    trees = _op_tree(ev)
+    syncs = sorted((e["ts"] + e["dur"], e["name"]) for e in ev
+                   if e.get("cat") == "cuda_runtime" and e.get("name") in SYNC_CALLS)
+    sync_ends = [t for t, _ in syncs]
+    iv = sorted(((e["ts"], e["ts"] + e["dur"], e) for e in kernels), key=lambda k: k[:2])
+    total = {}
+    end = lo
+    for a, b, e in iv:
+        if a - end >= MIN_GAP_US:
+            gap = (end, min(a, hi))
+            src = launch.get(e.get("args", {}).get("correlation"))
+            if src is None or src[2] < gap[0]:
+                cause = "device: launched before the gap"
+            else:
+                cause = "host: " + _cause(_chain(trees, src[0], src[1], src[2]))
+                j = bisect.bisect_right(sync_ends, src[2]) - 1
+                if j >= 0 and sync_ends[j] >= gap[0]:
+                    cause = f"{syncs[j][1]} then " + cause
+            t = total.setdefault(cause, [0.0, 0])
+            t[0] += gap[1] - gap[0]
+            t[1] += 1
+        end = max(end, b)
+    return sorted(((c, us, n) for c, (us, n) in total.items()), key=lambda r: -r[1])[:top]
+
+
 def summarize_trace(trace):
     """Summary of a Chrome trace (dict) of profiled steps; times in ms per step."""
     ev = trace.get("traceEvents", trace) if isinstance(trace, dict) else trace
@@ -97,6 +180,7 @@ def summarize_trace(trace):
                 labels[lab] += e["dur"]
     busy = _union([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
     ms = 1e-3 / n
+    causes = idle_causes(ev, kernels, lo, hi, launch)
     top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:15]
     return {"steps": n, "wall_ms": wall * ms, "busy_ms": busy * ms,
             "idle_ms": max(wall - busy, 0.0) * ms,
@@ -104,6 +188,7 @@ def summarize_trace(trace):
             "labels_ms": {lab: v * ms for lab, v in labels.items()},
             "top_kernels": [{"name": k, "category": c, "ms": t * ms, "calls": cnt / n}
                             for k, (c, t, cnt) in top],
+            "idle_causes": [{"cause": c, "ms": us * ms, "gaps": g / n} for c, us, g in causes],
             "device_kernels": len(kernels)}
 
 
@@ -123,6 +208,10 @@ def format_summary(s, title=""):
     for lab, v in s["labels_ms"].items():
         if v:
             lines.append(f"  inside '{lab}' spans{'':10s} {v:9.2f} {100 * v / w:8.1f}%")
+    if s.get("idle_causes"):
+        lines.append(f"idle gaps >= {MIN_GAP_US:.0f} us by what the GPU waited for:")
+        for c in s["idle_causes"]:
+            lines.append(f"  {c['ms']:8.2f} ms {c['gaps']:6.1f}x  {c['cause'][:110]}")
     lines.append("top kernels:")
     for k in s["top_kernels"][:10]:
         lines.append(f"  {k['ms']:8.2f} ms {k['calls']:6.1f}x  {k['category']:.14s}  "
