@@ -193,7 +193,7 @@ def test_exit_interval_saves_and_stops(demo, reference, tmp_path):
 def test_compiled_layers_train_like_eager(demo, reference, tmp_path):
     """training.compile: the same per-step losses as eager (CPU inductor, fp32), through
     evaluation, expert-usage windows and checkpoints, without falling back to eager, and
-    no graph break in the layers but the CPU-only one below (Megatron's RowParallelLinear
+    no graph break in the layers but two known ones below (Megatron's RowParallelLinear
     broke every layer's graph, the rest of the layer running eagerly, until models/gpt.py
     gave it its group)."""
     run = str(tmp_path / "compiled")

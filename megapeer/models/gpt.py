@@ -151,7 +151,7 @@ def _pass_row_parallel_group(model) -> int:
 
 
 class RowParallelLinearWithGroup(RowParallelLinear):
-    """RowParallelLinear that hands its own group to its linear (see below)."""
+    """RowParallelLinear that hands its own group to its linear (_pass_row_parallel_group)."""
 
     def _forward_impl(self, *args, **kwargs):
         if kwargs.get("tp_group", 0) is None:
