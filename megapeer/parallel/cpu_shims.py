@@ -38,6 +38,8 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.tensor_parallel.data",
     "megatron.core.dist_checkpointing.exchange_utils",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    # moves its inverse frequencies to torch.cuda.current_device() in every forward
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
 )
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand",
               "empty_like", "zeros_like", "ones_like")
@@ -59,6 +61,8 @@ class _CpuTorch:
         self._real = real
 
     def __getattr__(self, name):
+        if name == "cuda":
+            return _CPU_CUDA
         attr = getattr(self._real, name)
         if name in _FACTORIES:
             def factory(*args, **kwargs):
@@ -67,6 +71,21 @@ class _CpuTorch:
                 return attr(*args, **kwargs)
             return factory
         return attr
+
+
+class _CpuCuda:
+    """torch.cuda as the proxied modules see it: current_device() is a plain method, which
+    torch.compile traces as a constant (the patched torch.cuda.current_device it treats as
+    a torch op returning a non-tensor, and breaks the graph)."""
+
+    def current_device(self):
+        return torch.device("cpu")
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+_CPU_CUDA = _CpuCuda()
 
 
 class _InertStream:
