@@ -194,7 +194,7 @@ def test_compiled_layers_train_like_eager(demo, reference, tmp_path):
     """training.compile: the same per-step losses as eager (CPU inductor, fp32), through
     evaluation, expert-usage windows and checkpoints, without falling back to eager, and
     no graph break in the layers but a known one below (Megatron's RowParallelLinear
-    broke every layer's graph, the rest of the layer running eagerly, until models/gpt.py
+    broke every layer's graph, the rest of the layer running eagerly, until models/layer_specs.py
     gave it its group; on the CPU MLA's rotary embedding broke it too, until cpu_shims
     proxied its torch.cuda.current_device)."""
     run = str(tmp_path / "compiled")

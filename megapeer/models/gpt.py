@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
-from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
@@ -120,7 +119,6 @@ def build_model_chunks(cfg, tcfg=None) -> list:
             vp_stage=vp,
         )
         _fix_mla_tp_grads(model)
-        _pass_row_parallel_group(model)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         if tcfg.bf16:
@@ -130,33 +128,6 @@ def build_model_chunks(cfg, tcfg=None) -> list:
             model = Float16Module(tcfg, model)
         chunks.append(model)
     return chunks
-
-
-def _pass_row_parallel_group(model) -> int:
-    """Give Megatron's RowParallelLinear its own group for its linear; returns the count.
-
-    Megatron-Core 0.16.1 calls the linear with tp_group=None, and the lookup of the
-    default group warns on every call. Dynamo cannot trace warnings.warn, and it sits
-    inside a context manager Dynamo cannot resume from: every compiled layer broke there
-    and ran the rest of its forward eagerly. The group is the same one either way (the
-    linear uses it only for the input-gradient all-reduce and sequence parallelism,
-    both off for this layer).
-    """
-    n = 0
-    for mod in model.modules():
-        if type(mod) is RowParallelLinear:
-            mod.__class__ = RowParallelLinearWithGroup
-            n += 1
-    return n
-
-
-class RowParallelLinearWithGroup(RowParallelLinear):
-    """RowParallelLinear that hands its own group to its linear (_pass_row_parallel_group)."""
-
-    def _forward_impl(self, *args, **kwargs):
-        if kwargs.get("tp_group", 0) is None:
-            kwargs["tp_group"] = self.tp_group
-        return super()._forward_impl(*args, **kwargs)
 
 
 def _fix_mla_tp_grads(model):

@@ -12,6 +12,7 @@ import logging
 import torch
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                          get_num_layers_to_build)
@@ -67,18 +68,34 @@ class TorchNorm:
         return norm
 
 
-def _use_torch_norm(spec):
-    """Replace WrappedTorchNorm by TorchNorm everywhere in a (nested) spec, in place."""
+class RowParallelLinearWithGroup(RowParallelLinear):
+    """Megatron's RowParallelLinear, handing its own group to its linear. Megatron-Core
+    0.16.1 calls the linear with tp_group=None, and the default-group lookup warns on every
+    call: torch.compile cannot trace warnings.warn, and the call sits inside a context
+    manager it cannot resume from, so every compiled layer broke its graph there and ran
+    the rest of its forward eagerly. The group is the same one either way (the linear uses
+    it only for the input-gradient all-reduce and sequence parallelism, both off here)."""
+
+    def _forward_impl(self, *args, **kwargs):
+        if kwargs.get("tp_group", 0) is None:
+            kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(*args, **kwargs)
+
+
+def _swap_local_modules(spec):
+    """In a (nested) local spec, in place: TorchNorm for WrappedTorchNorm and
+    RowParallelLinearWithGroup for RowParallelLinear."""
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    swaps = {WrappedTorchNorm: TorchNorm, RowParallelLinear: RowParallelLinearWithGroup}
     subs = getattr(spec, "submodules", None)
     if subs is None or not dataclasses.is_dataclass(subs):
         return spec
     for f in dataclasses.fields(subs):
         val = getattr(subs, f.name)
-        if val is WrappedTorchNorm:
-            setattr(subs, f.name, TorchNorm)
+        if isinstance(val, type) and val in swaps:
+            setattr(subs, f.name, swaps[val])
         elif isinstance(val, ModuleSpec):
-            _use_torch_norm(val)
+            _swap_local_modules(val)
     return spec
 
 
@@ -91,7 +108,7 @@ def _base_spec(backend: str) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(multi_latent_attention=True, qk_layernorm=True,
                                     normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return _use_torch_norm(spec)
+    return _swap_local_modules(spec)
 
 
 def _norm(backend: str):
