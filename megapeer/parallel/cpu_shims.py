@@ -76,7 +76,8 @@ class _CpuTorch:
 class _CpuCuda:
     """torch.cuda as the proxied modules see it: current_device() is a plain method, which
     torch.compile traces as a constant (the patched torch.cuda.current_device it treats as
-    a torch op returning a non-tensor, and breaks the graph)."""
+    a torch op returning a non-tensor, and breaks the graph). Keep it a function of its
+    own: given the patched function object itself, Dynamo broke the graph again."""
 
     def current_device(self):
         return torch.device("cpu")
