@@ -43,6 +43,9 @@ class PEERConfig:
     # Add the tables' gradients to Megatron's fp32 main_grad inside the backward kernels
     # (no bf16 table gradient, no separate add; ops/grad_accum.py).
     grad_accum_fusion: bool = True
+    # Grouped kernels, expert-ordered form: compute the tables' gradients once per this
+    # many micro-batches of a step (their inputs kept in memory meanwhile; ops/table_grads.py).
+    defer_table_grads: int = 1
 
 
 @dataclass

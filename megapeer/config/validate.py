@@ -103,6 +103,9 @@ def validate_config(cfg: Config, world_size: int, source: str = "<config>") -> N
                   f"parallel.expert = {p.expert}")
         if pe.heads < 1 or pe.expert_hidden < 1:
             _fail(source, "model.peer", "heads and expert_hidden must be positive")
+        if pe.defer_table_grads < 1:
+            _fail(source, "model.peer.defer_table_grads", f"= {pe.defer_table_grads}: must be "
+                  ">= 1 (micro-batches per table gradient; 1 = every micro-batch)")
         d_local = m.hidden_size // p.tensor
         if pe.kernel == "gmm" and (pe.expert_hidden % 8 or d_local % 8):
             _fail(source, "model.peer.expert_hidden", f"= {pe.expert_hidden} and the table width "

@@ -28,8 +28,8 @@ from megatron.core.tensor_parallel import mappings
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from ..ops import gather_axpy, gather_dot
-from ..ops.dispatch import expert_order, to_expert_order
+from ..ops import gather_axpy, gather_dot, table_grads
+from ..ops.dispatch import expert_layout, expert_order, to_expert_order
 from ..ops.grad_accum import accumulator
 
 _ACTS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -168,21 +168,35 @@ class PEER(MegatronModule):
             idx = idx.clamp(0, self.n_local - 1)
         # wide experts on the grouped kernels: s and w as [pairs, m] sorted by expert
         srt = expert_order(mode, idx, self.m, x, self.U)
+        n_exp = self.U.shape[0] // self.m
+        lay = expert_layout(idx, n_exp, self.m) if srt else None   # one sort, shared
+        # deferred table gradients (expert order only): the ops see detached tables and
+        # each table's gradient comes from its tap (ops/table_grads.py)
+        defer = self.peer.defer_table_grads
+        d_u = srt and table_grads.deferring(self.U, defer)
+        d_v = srt and table_grads.deferring(self.V, defer)
+        U = self.U.detach() if d_u else self.U
+        V = self.V.detach() if d_v else self.V
+        xs = x
         if self.tp_size > 1:
             tp = ps.get_tensor_model_parallel_group()
             lo = self.tp_rank * self.d_local
             # under SP, x's gather from the sequence chunks already sums its grad over TP
             xs = x if self.sp else _comm(mappings.copy_to_tensor_model_parallel_region, x, group=tp)
-            s = gather_dot(xs[:, lo:lo + self.d_local], idx, self.U, self.m, mode, acc_u, srt)
+            xs = xs[:, lo:lo + self.d_local]
+        s = gather_dot(xs, idx, U, self.m, mode, acc_u, srt, lay)
+        if d_u:
+            s = table_grads.tap(s, xs, self.U, lay, idx[0].numel(), self.m, defer, True)
+        if self.tp_size > 1:
             s = _comm(mappings.reduce_from_tensor_model_parallel_region, s, group=tp)
-        else:
-            s = gather_dot(x, idx, self.U, self.m, mode, acc_u, srt)
         if srt:
-            gates = to_expert_order(gates, idx, self.U.shape[0] // self.m, self.m)
+            gates = to_expert_order(gates, idx, n_exp, self.m, lay)
         w = self.act(s) * gates.unsqueeze(-1)
         if self.tp_size > 1:
             w = _comm(mappings.copy_to_tensor_model_parallel_region, w, group=tp)
-        out = gather_axpy(w, idx, self.V, self.m, mode, acc_v, srt)
+        out = gather_axpy(w, idx, V, self.m, mode, acc_v, srt, lay)
+        if d_v:
+            out = table_grads.tap(out, w, self.V, lay, idx[0].numel(), self.m, defer, False)
         if self.ep_size > 1:
             out = _comm(mappings.reduce_scatter_to_sequence_parallel_region, out, group=group)
         if self.tp_size > 1:

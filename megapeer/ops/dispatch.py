@@ -101,21 +101,24 @@ def _call(op, path, a, idx, tab, m, acc):
     return getattr(path, op)(a, idx, tab, m)
 
 
-def gather_dot(x, idx, U, m: int = 1, mode: str = "auto", acc=None, in_expert_order=False):
+def gather_dot(x, idx, U, m: int = 1, mode: str = "auto", acc=None, in_expert_order=False,
+               lay=None):
     """acc: U's fp32 main_grad for gradient-accumulation fusion (ops/grad_accum.py).
-    in_expert_order (where expert_order said so): s [P, m] with the pairs sorted by expert."""
+    in_expert_order (where expert_order said so): s [P, m] with the pairs sorted by expert;
+    there, lay: the layout from expert_layout."""
     path = _path(mode, idx, m, x, U)
     if in_expert_order:
-        return path.gather_dot(x, idx, U, m, in_expert_order=True)
+        return path.gather_dot(x, idx, U, m, in_expert_order=True, lay=lay)
     return _call("gather_dot", path, x, idx, U, m, acc)
 
 
-def gather_axpy(w, idx, V, m: int = 1, mode: str = "auto", acc=None, in_expert_order=False):
+def gather_axpy(w, idx, V, m: int = 1, mode: str = "auto", acc=None, in_expert_order=False,
+                lay=None):
     """acc: V's fp32 main_grad for gradient-accumulation fusion (ops/grad_accum.py).
-    in_expert_order: w [P, m] in the expert order of gather_dot's s."""
+    in_expert_order: w [P, m] in the expert order of gather_dot's s (lay as there)."""
     path = _path(mode, idx, m, w, V)
     if in_expert_order:
-        return path.gather_axpy(w, idx, V, m, in_expert_order=True)
+        return path.gather_axpy(w, idx, V, m, in_expert_order=True, lay=lay)
     return _call("gather_axpy", path, w, idx, V, m, acc)
 
 
@@ -129,7 +132,14 @@ def expert_order(mode, idx, m, x, U) -> bool:
             and peer_grouped.takes_expert_order(x, U, m))
 
 
-def to_expert_order(gates, idx, n_exp: int, m: int):
+def to_expert_order(gates, idx, n_exp: int, m: int, lay=None):
     """Per-pair gates [T, h, k] -> [P] in the expert order of the expert-ordered form."""
     from . import peer_grouped
-    return peer_grouped.to_expert_order(gates, idx, n_exp, m)
+    return peer_grouped.to_expert_order(gates, idx, n_exp, m, lay)
+
+
+def expert_layout(idx, n_exp: int, m: int):
+    """The expert-ordered form's layout of idx, computed once per layer step and passed to
+    gather_dot, to_expert_order and gather_axpy."""
+    from . import peer_grouped
+    return peer_grouped.layout(idx, n_exp, m)

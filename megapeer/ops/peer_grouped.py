@@ -39,7 +39,8 @@ fp32 inputs use IEEE fp32 dots. Blocks hold BM = 64 pairs, 128 for experts >= 12
 Select it with model.peer.kernel=grouped. It runs wherever Triton runs: CUDA GPUs, and
 the CPU under TRITON_INTERPRET=1 (how the tests check it against the reference).
 One sort of the pairs (the layout op) serves a layer's forward dot and axpy and, saved by
-autograd, their four backward kernels. Tests: tests/test_peer_grouped.py (Triton
+autograd, their four backward kernels. `scatter_many` sums the scatter over several
+micro-batches in one pass (deferred table gradients, ops/table_grads.py). Tests: tests/test_peer_grouped.py (Triton
 interpreter on CPU; bf16 on a GPU). Timings: docs/benchmarks.md ("Grouped Triton kernels").
 """
 from __future__ import annotations
@@ -290,6 +291,56 @@ def _(coef, idx, src, n_rows, m, *lay, coef_sorted=False):
     return src.new_empty((n_rows, src.shape[1]))
 
 
+# scatter_many: the source loop unrolled (a kernel per source count); the pair ids not
+# loaded a step ahead (H200: 4.25 against 4.42 ms for 4 sources + add, docs/benchmarks.md)
+MANY_UNROLL = True
+MANY_PREFETCH = False
+
+
+def scatter_many(coefs, srcs, orders, expert_offs, counts, hk: int, n_rows: int, m: int,
+                 coef_sorted: bool = True) -> Tensor:
+    """The grouped scatter summed over several sources in one pass (table gradients of
+    several micro-batches, ops/table_grads.py): sum_i scatter(coefs[i], srcs[i]) over each
+    source's own layout (orders, expert_offs, counts), one fp32 sum per output tile, one
+    rounding. Sources share hk and d; their pair counts may differ."""
+    triton, *_ = _k()
+    from . import peer_grouped_kernels as pk
+    coefs = [c.contiguous() for c in coefs]
+    srcs = [_rows(t) for t in srcs]
+    if len({t.stride(0) for t in srcs}) > 1:
+        srcs = [t.contiguous() for t in srcs]
+    dev, dt, d = srcs[0].device, srcs[0].dtype, srcs[0].shape[1]
+    if any(t.dtype != dt for t in coefs + srcs) or any(t.shape[1] != d for t in srcs):
+        raise TypeError("scatter_many: sources of different dtypes or widths")
+    offs, aligned = _offsets(coefs, srcs, orders, dev)
+    n_exp = n_rows // m
+    grad = torch.empty(n_rows, d, dtype=dt, device=dev)
+    t = dict(_tiles("scatter", m), PREFETCH=MANY_PREFETCH)
+    pk.peer_grouped_scatter_many[(n_exp * triton.cdiv(d, t["BN"]) * (_mb(m) // t["MC"]),)](
+        coefs[0], srcs[0], orders[0], offs, srcs[0].stride(0), grad,
+        torch.stack(list(expert_offs)), torch.stack(list(counts)), len(coefs), hk, m, d, n_exp,
+        MB=_mb(m), IEEE=dt == torch.float32, SORTED=coef_sorted, ALIGNED=aligned,
+        N_SRC=len(coefs) if MANY_UNROLL else 0, **t)
+    return grad
+
+
+def _offsets(coefs, srcs, orders, dev):
+    """Each source's (coef, src, order) start in elements after the first source's, as an
+    int64 tensor [3 n] on dev (copied from pinned memory without waiting for the GPU: the
+    caching host allocator keeps the buffer until the copy has run); and whether every
+    tensor starts on 16 bytes."""
+    firsts = (coefs[0], srcs[0], orders[0])
+    offs, aligned = [], True
+    for trio in zip(coefs, srcs, orders):
+        for t, base in zip(trio, firsts):
+            offs.append((t.data_ptr() - base.data_ptr()) // t.element_size())
+            aligned &= t.data_ptr() % 16 == 0
+    host = torch.tensor(offs, dtype=torch.int64)
+    if dev.type != "cuda":
+        return host, aligned
+    return host.pin_memory().to(dev, non_blocking=True), aligned
+
+
 GATHER_SUM = dict(BT=32, BN=256, num_warps=4)   # the sorted axpy's per-token sum
 
 
@@ -366,19 +417,22 @@ def available():
 
 
 def gather_dot(x: Tensor, idx: Tensor, U: Tensor, m: int = 1,
-               in_expert_order=False) -> Tensor:
-    """s [T, h, k, m]; in_expert_order: s [P, m] with the pairs sorted by expert."""
+               in_expert_order=False, lay=None) -> Tensor:
+    """s [T, h, k, m]; in_expert_order: s [P, m] with the pairs sorted by expert.
+    lay: layout(idx, ...) when the caller has it (one sort per layer step, also where a
+    graph break splits the step: ops/table_grads.py)."""
     idx = idx if idx.dtype == torch.long else idx.long()
     op = torch.ops.megapeer.grouped_dot_sorted if in_expert_order else torch.ops.megapeer.grouped_dot
-    return op(x, idx, U, int(m), *_layout(idx, U.shape[0] // m, m))
+    return op(x, idx, U, int(m), *(lay if lay is not None else layout(idx, U.shape[0] // m, m)))
 
 
-def gather_axpy(w: Tensor, idx: Tensor, V: Tensor, m: int = 1, in_expert_order=False) -> Tensor:
+def gather_axpy(w: Tensor, idx: Tensor, V: Tensor, m: int = 1, in_expert_order=False,
+                lay=None) -> Tensor:
     """in_expert_order: w [P, m] with the pairs sorted by expert (what gather_dot gave)."""
     idx = idx if idx.dtype == torch.long else idx.long()
     op = (torch.ops.megapeer.grouped_axpy_sorted if in_expert_order
           else torch.ops.megapeer.grouped_axpy)
-    return op(w, idx, V, int(m), *_layout(idx, V.shape[0] // m, m))
+    return op(w, idx, V, int(m), *(lay if lay is not None else layout(idx, V.shape[0] // m, m)))
 
 
 SORTED_FORM = True   # False: wide experts keep the token-ordered form (bench A/B)
@@ -396,20 +450,35 @@ def takes_expert_order(a: Tensor, tab: Tensor, m: int) -> bool:
     return peer_gmm.supports(m, tab.shape[1], tab.dtype, tab.shape[0] // m, cuda=tab.is_cuda)
 
 
-def to_expert_order(t: Tensor, idx: Tensor, n_exp: int, m: int) -> Tensor:
+def layout(idx: Tensor, n_exp: int, m: int) -> tuple:
+    """The pairs of idx sorted by expert and cut into the kernels' blocks (one sort per
+    layer step: cached for eager calls)."""
+    return _layout(idx if idx.dtype == torch.long else idx.long(), n_exp, m)
+
+
+def to_expert_order(t: Tensor, idx: Tensor, n_exp: int, m: int, lay=None) -> Tensor:
     """Per-pair values t [T, h, k] (the gates) in the expert order of gather_dot's s."""
-    lay = _layout(idx if idx.dtype == torch.long else idx.long(), n_exp, m)
+    lay = lay if lay is not None else layout(idx, n_exp, m)
     return peer_ref.Permute.apply(t.reshape(-1), lay[0], lay[5])
 
 
-def peer_experts(x, idx, gates, U, V, act, m: int = 1):
+def peer_experts(x, idx, gates, U, V, act, m: int = 1, defer: int = 1):
     """Single-process expert step on the grouped ops (as peer_ref.peer_experts), in the
     expert-ordered form where takes_expert_order says so (as models/peer.py runs it)."""
     if not takes_expert_order(x, U, m):
         return peer_ref.expert_step(gather_dot, gather_axpy, x, idx, gates, U, V, act, m)
-    s = gather_dot(x, idx, U, m, in_expert_order=True)
-    w = act(s) * to_expert_order(gates, idx, U.shape[0] // m, m).unsqueeze(-1)
-    return gather_axpy(w, idx, V, m, in_expert_order=True)
+    from . import table_grads
+    lay = layout(idx, U.shape[0] // m, m)
+    # deferred table gradients, as models/peer.py runs them (ops/table_grads.py)
+    d_u, d_v = table_grads.deferring(U, defer), table_grads.deferring(V, defer)
+    s = gather_dot(x, idx, U.detach() if d_u else U, m, in_expert_order=True, lay=lay)
+    if d_u:
+        s = table_grads.tap(s, x, U, lay, _hk(idx), m, defer, coef_is_grad=True)
+    w = act(s) * to_expert_order(gates, idx, U.shape[0] // m, m, lay).unsqueeze(-1)
+    out = gather_axpy(w, idx, V.detach() if d_v else V, m, in_expert_order=True, lay=lay)
+    if d_v:
+        out = table_grads.tap(out, w, V, lay, _hk(idx), m, defer, coef_is_grad=False)
+    return out
 
 
 __all__ = ["available", "gather_dot", "gather_axpy", "peer_experts", "peer_ref"]

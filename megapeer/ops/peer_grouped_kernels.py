@@ -91,25 +91,25 @@ def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, exp
                       sem="relaxed")  # a plain reduction: no ordering needed
 
 @triton.jit
-def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m, d, n_exp,
-                         BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
-                         MC: tl.constexpr, IEEE: tl.constexpr, LOCAL: tl.constexpr,
-                         PREFETCH: tl.constexpr, SORTED: tl.constexpr = False):
-    pid = tl.program_id(0)
+def _scatter_tile(pid, n_exp, d, BN: tl.constexpr, MB: tl.constexpr, MC: tl.constexpr,
+                  LOCAL: tl.constexpr):
+    """The (expert, d-tile, column chunk) of a scatter program."""
     n_tiles = tl.cdiv(d, BN)
     if LOCAL:   # an expert's (d-tile, chunk) programs in a row: its rows stay in L2
         e, rest = pid // (n_tiles * (MB // MC)), pid % (n_tiles * (MB // MC))
         nt, jc = rest % n_tiles, rest // n_tiles
     else:
         e, nt, jc = pid % n_exp, (pid // n_exp) % n_tiles, pid // (n_exp * n_tiles)
-    e = e.to(tl.int64)
-    j = jc * MC + tl.arange(0, MC)
+    return e.to(tl.int64), jc * MC + tl.arange(0, MC), nt * BN + tl.arange(0, BN)
+
+
+@triton.jit
+def _scatter_sum(acc, coef, src, lds, order, off, cnt, hk, m, j, n, d, BM: tl.constexpr,
+                 IEEE: tl.constexpr, PREFETCH: tl.constexpr, SORTED: tl.constexpr):
+    """acc [MC, BN] += coef[pairs, j]^T . src[tokens, n] over one expert's cnt pairs,
+    which start at `off` in `order`."""
     jv = j < m
-    n = nt * BN + tl.arange(0, BN)
     nm = n < d
-    cnt = tl.load(counts + e)
-    off = tl.load(expert_off + e)
-    acc = tl.zeros((MC, BN), dtype=tl.float32)
     if PREFETCH:   # the next step's pair ids are loaded one step ahead (loop-carried)
         nxt = tl.load(order + off + tl.arange(0, BM), mask=tl.arange(0, BM) < cnt, other=0)
     for start in range(0, cnt, BM):
@@ -130,8 +130,65 @@ def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m,
             acc += tl.dot(tl.trans(c), sx, input_precision="ieee")
         else:
             acc += tl.dot(tl.trans(c), sx)
+    return acc
+
+
+@triton.jit
+def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m, d, n_exp,
+                         BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
+                         MC: tl.constexpr, IEEE: tl.constexpr, LOCAL: tl.constexpr,
+                         PREFETCH: tl.constexpr, SORTED: tl.constexpr = False):
+    e, j, n = _scatter_tile(tl.program_id(0), n_exp, d, BN, MB, MC, LOCAL)
+    acc = tl.zeros((MC, BN), dtype=tl.float32)
+    acc = _scatter_sum(acc, coef, src, lds, order, tl.load(expert_off + e),
+                       tl.load(counts + e), hk, m, j, n, d, BM, IEEE, PREFETCH, SORTED)
     tl.store(grad + (e * m + j)[:, None] * d + n[None, :], acc.to(grad.dtype.element_ty),
-             mask=jv[:, None] & nm[None, :])
+             mask=(j < m)[:, None] & (n < d)[None, :])
+
+
+@triton.jit
+def _scatter_source(acc, i, coef, src, order, offs, lds, expert_off, counts, e, hk, m, j, n, d,
+                    n_exp, BM: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr,
+                    ALIGNED: tl.constexpr, SORTED: tl.constexpr):
+    """Source i's part of peer_grouped_scatter_many."""
+    oc = tl.load(offs + 3 * i)
+    os_ = tl.load(offs + 3 * i + 1)
+    oo = tl.load(offs + 3 * i + 2)
+    if ALIGNED:
+        oc = tl.multiple_of(oc, 8)
+        os_ = tl.multiple_of(os_, 8)
+        oo = tl.multiple_of(oo, 4)
+    return _scatter_sum(acc, coef + oc, src + os_, lds, order + oo,
+                        tl.load(expert_off + i * n_exp + e), tl.load(counts + i * n_exp + e),
+                        hk, m, j, n, d, BM, IEEE, PREFETCH, SORTED)
+
+
+@triton.jit
+def peer_grouped_scatter_many(coef, src, order, offs, lds, grad, expert_off, counts, n_src, hk,
+                              m, d, n_exp, BM: tl.constexpr, MB: tl.constexpr,
+                              BN: tl.constexpr, MC: tl.constexpr, IEEE: tl.constexpr,
+                              LOCAL: tl.constexpr, PREFETCH: tl.constexpr,
+                              ALIGNED: tl.constexpr, N_SRC: tl.constexpr = 0,
+                              SORTED: tl.constexpr = False):
+    """peer_grouped_scatter summed over n_src sources (micro-batches) in one pass. Source i's
+    coefficients, rows and pair order start offs[3 i + (0, 1, 2)] elements after coef, src
+    and order (the first source's tensors); expert_off and counts are [n_src, n_exp]; lds
+    is the sources' shared row stride. ALIGNED: every offset is a multiple of 16 bytes (lets
+    the loads vectorise, as with pointers passed as arguments). N_SRC > 0: n_src known at
+    compile time (the source loop unrolled). One fp32 sum per output tile, sources in
+    order: deferred table gradients (ops/table_grads.py)."""
+    e, j, n = _scatter_tile(tl.program_id(0), n_exp, d, BN, MB, MC, LOCAL)
+    acc = tl.zeros((MC, BN), dtype=tl.float32)
+    if N_SRC > 0:
+        for i in tl.static_range(N_SRC):
+            acc = _scatter_source(acc, i, coef, src, order, offs, lds, expert_off, counts, e,
+                                  hk, m, j, n, d, n_exp, BM, IEEE, PREFETCH, ALIGNED, SORTED)
+    else:
+        for i in range(0, n_src):
+            acc = _scatter_source(acc, i, coef, src, order, offs, lds, expert_off, counts, e,
+                                  hk, m, j, n, d, n_exp, BM, IEEE, PREFETCH, ALIGNED, SORTED)
+    tl.store(grad + (e * m + j)[:, None] * d + n[None, :], acc.to(grad.dtype.element_ty),
+             mask=(j < m)[:, None] & (n < d)[None, :])
 
 
 @triton.jit

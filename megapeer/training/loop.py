@@ -366,4 +366,7 @@ def _log_model_summary(cfg, chunks):
             acc = "added to the fp32 main_grad inside the expert ops (model.peer.grad_accum_fusion)"
         else:
             acc = "plain (the grouped and gmm paths do not fuse the accumulation)"
+        if m.peer.defer_table_grads > 1:
+            acc += (f"; in the grouped kernels' expert-ordered form computed once per "
+                    f"{m.peer.defer_table_grads} micro-batches (model.peer.defer_table_grads)")
         log.info("PEER table gradients: %s", acc)

@@ -3,6 +3,8 @@
 Used by the train loop, evaluation and the parallel-correctness tests alike, so
 that what the tests prove is what training runs.
 """
+import contextlib
+
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel as DDP
@@ -10,7 +12,7 @@ from megatron.core.distributed import DistributedDataParallelConfig, finalize_mo
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.cuda_graphs import is_graph_capturing
 
-from ..ops import grad_add
+from ..ops import grad_add, table_grads
 from ..ops.grad_accum import prepare_accumulators
 from ..parallel import device
 
@@ -99,10 +101,12 @@ def forward_backward(chunks, data_iterators, num_microbatches, seq_length, micro
     """Run the schedule; returns the mean loss over micro-batches (on every rank)."""
     fb = get_forward_backward_func()
     iters = data_iterators if len(chunks) > 1 else data_iterators[0]
-    losses = fb(forward_step_func=forward_step, data_iterator=iters,
-                model=chunks if len(chunks) > 1 else chunks[0],
-                num_microbatches=num_microbatches, seq_length=seq_length,
-                micro_batch_size=micro_batch_size, forward_only=forward_only)
+    # deferred PEER table gradients (model.peer.defer_table_grads) complete inside the step
+    with contextlib.nullcontext() if forward_only else table_grads.step(num_microbatches):
+        losses = fb(forward_step_func=forward_step, data_iterator=iters,
+                    model=chunks if len(chunks) > 1 else chunks[0],
+                    num_microbatches=num_microbatches, seq_length=seq_length,
+                    micro_batch_size=micro_batch_size, forward_only=forward_only)
     dev = device()
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         val = torch.stack([x["lm loss"] for x in losses]).mean().to(dev) if losses else \

@@ -1,0 +1,124 @@
+"""Worker for tests/test_table_grads.py: deferred table gradients (ops/table_grads.py).
+
+Run with TRITON_INTERPRET=1 on a CPU, or on a GPU (bf16 there as well). Prints one JSON
+object of errors (relative to the largest magnitude of the expected value) and counts.
+"""
+import json
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+from megapeer.ops import peer_grouped, table_grads
+
+T, D, N_EXP, H, K = 24, 40, 3, 2, 3
+M = 100   # set by main(): 100 (padded to 128) in the interpreter, 128 on a GPU
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30))
+
+
+def scatter_many_case(dev, dt):
+    """scatter_many over three sources of different sizes against the sum of one
+    scatter each (accumulated in fp32); the source loop unrolled or not, the pair ids
+    loaded a step ahead or not."""
+    g = torch.Generator().manual_seed(1)
+    want = torch.zeros(N_EXP * M, D, dtype=torch.float64)
+    coefs, srcs, lays = [], [], []
+    for T_i in (24, 17, 31):
+        idx = torch.randint(0, N_EXP, (T_i, H, K), generator=g).to(dev)
+        lay = peer_grouped._layout(idx, N_EXP, M)
+        coef = torch.randn(idx.numel(), M, generator=g).to(dev, dt)
+        src = torch.randn(T_i, D + 6, generator=g).to(dev, dt)[:, 3:3 + D]   # strided rows
+        one = torch.ops.megapeer.grouped_scatter(coef, idx, src, N_EXP * M, M, *lay,
+                                                 coef_sorted=True)
+        want += one.double().cpu()
+        coefs.append(coef)
+        srcs.append(src)
+        lays.append(lay)
+    errs = []
+    for unroll, prefetch in ((True, False), (False, True)):   # the default, then both switched
+        with mock.patch.multiple(peer_grouped, MANY_UNROLL=unroll, MANY_PREFETCH=prefetch):
+            got = peer_grouped.scatter_many(coefs, srcs, [lay[0] for lay in lays],
+                                            [lay[3] for lay in lays], [lay[4] for lay in lays],
+                                            H * K, N_EXP * M, M)
+        errs.append(rel(got.cpu(), want))
+    return max(errs)
+
+
+def step_grads(dev, dt, defer, n_micro, compiled=False, backwards=None):
+    """Gradients of x, gates (per micro-batch) and U, V (summed) over n_micro micro-batches
+    of the expert step in one table_grads.step, and the scatter_many calls made."""
+    g = torch.Generator().manual_seed(2)
+    U = (torch.randn(N_EXP * M, D, generator=g) * D ** -0.5).to(dev, dt).requires_grad_()
+    V = (torch.randn(N_EXP * M, D, generator=g) * D ** -0.5).to(dev, dt).requires_grad_()
+    fn = peer_grouped.peer_experts
+    if compiled:
+        fn = torch.compile(fn)
+    per_mb, calls = [], []
+    real = peer_grouped.scatter_many
+    none_before_flush = True
+
+    def counted(*a, **kw):
+        calls.append(len(a[0]))
+        return real(*a, **kw)
+    with mock.patch.object(peer_grouped, "scatter_many", counted), \
+            table_grads.step(n_micro):
+        for i in range(backwards if backwards is not None else n_micro):
+            x = torch.randn(T, D, generator=g).to(dev, dt).requires_grad_()
+            gates = torch.randn(T, H, K, generator=g).softmax(-1).to(dev, dt).requires_grad_()
+            idx = torch.randint(0, N_EXP, (T, H, K), generator=g).to(dev)
+            y = fn(x, idx, gates, U, V, F.gelu, M, defer=defer)
+            y.backward(torch.randn(T, D, generator=g).to(dev, dt))
+            if i == 0 and defer > 1 and n_micro > 1:
+                none_before_flush = U.grad is None and V.grad is None
+            per_mb.append((x.grad, gates.grad))
+    return U.grad, V.grad, per_mb, calls, none_before_flush
+
+
+def main():
+    global M
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    # the expert-ordered form: fp32 with m = 100 (padded to 128) in the interpreter; on a
+    # GPU it takes bf16 with 16-byte rows (m = 128), checked against fp32 there
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    M = 128 if dev == "cuda" else 100
+    assert peer_grouped.takes_expert_order(torch.zeros(1, D, dtype=dt, device=dev),
+                                           torch.zeros(M, D, dtype=dt, device=dev), M)
+    res = {"scatter_many": scatter_many_case(dev, dt)}
+    base = step_grads(dev, dt, 1, 4)
+    assert base[3] == [] and base[4], "defer=1 must not go through scatter_many"
+    f32 = step_grads(dev, torch.float32, 1, 4) if dev == "cuda" else None
+    for defer, want_calls in ((2, [2, 2]), (3, [3, 1]), (5, [4])):
+        U_g, V_g, per_mb, calls, none_first = step_grads(dev, dt, defer, 4)
+        r = res[f"defer{defer}"] = {
+            "x": max(rel(a[0], b[0]) for a, b in zip(per_mb, base[2])),
+            "gates": max(rel(a[1], b[1]) for a, b in zip(per_mb, base[2])),
+            "calls_ok": sorted(calls) == sorted(want_calls * 2), "none_before_flush": none_first}
+        if f32 is None:
+            r.update(U=rel(U_g, base[0]), V=rel(V_g, base[1]))
+        else:   # bf16: (deferred, per micro-batch) error against fp32
+            r.update(U_bf16=(rel(U_g, f32[0]), rel(base[0], f32[0])),
+                     V_bf16=(rel(V_g, f32[1]), rel(base[1], f32[1])))
+    # one micro-batch: nothing deferred
+    res["single_micro_batch_calls"] = len(step_grads(dev, dt, 4, 1)[3])
+    # compiled: the tap splits the graph; the same gradients as eager
+    U_g, V_g, _, calls, _ = step_grads(dev, dt, 3, 4, compiled=True)
+    res["compiled"] = {"calls_ok": sorted(calls) == [1, 1, 3, 3]}
+    if f32 is None:
+        res["compiled"].update(U=rel(U_g, base[0]), V=rel(V_g, base[1]))
+    else:
+        res["compiled"].update(U_bf16=(rel(U_g, f32[0]), rel(base[0], f32[0])),
+                               V_bf16=(rel(V_g, f32[1]), rel(base[1], f32[1])))
+    # a step whose backward ran fewer times than announced
+    try:
+        step_grads(dev, dt, 4, 3, backwards=2)
+        res["short_step"] = "no error"
+    except RuntimeError as e:
+        res["short_step"] = str(e)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
