@@ -11,7 +11,7 @@ rounding: no less accurate than N bf16 gradients added in fp32.
 
 Cost: memory. Each kept micro-batch holds, per PEER layer, two [pairs, m] coefficient
 tensors and two [T, d] row tensors (the 1.3B benchmark model at micro-batch 2: ~320 MiB per
-layer), up to N - 1 micro-batches of them.
+layer), up to N micro-batches of them.
 
 Where: the grouped kernels' expert-ordered form (wide bf16 experts on a GPU, what `auto`
 picks at equal active FLOPs; models/peer.py), inside a training step with more than one
