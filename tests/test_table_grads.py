@@ -10,7 +10,7 @@ the first pass, and an error when a step ends with inputs kept.
 On a GPU the same in bf16 with experts 128 wide (the form's 16-byte rows): the deferred
 table gradients within the per-micro-batch bf16 error against fp32, plus 1e-3. Through
 the trainer: the tiny MLA+PEER of tests/test_parallel.py with experts 128 wide and deferral against the
-single-process reference path, under DP2 and PP2 (1e-5 loss, 1e-4 gradients).
+single-process reference path, under DP2, PP2, TP2 and EP2 (1e-5 loss, 1e-4 gradients).
 On a CPU the kernels run in the Triton interpreter.
 """
 import json
@@ -57,7 +57,8 @@ def test_deferred_table_grads_match_per_micro_batch():
 @pytest.mark.timeout(900)
 def test_deferred_table_grads_in_parallel_layouts(tmp_path):
     """One training step through Megatron's schedule with model.peer.defer_table_grads=3
-    (4 micro-batches on one rank, 2 per rank under DP2; under PP2 the 1F1B schedule)."""
+    (4 micro-batches on one rank, 2 per rank under DP2; under PP2 the 1F1B schedule; under
+    TP2 the tables' column slices, under EP2 their row slices)."""
     import torch
     if torch.cuda.is_available():
         pytest.skip("CPU check (Triton interpreter)")
@@ -65,10 +66,10 @@ def test_deferred_table_grads_in_parallel_layouts(tmp_path):
     torchrun("parallel_check.py", ["reference", str(tmp_path)], 1, env={"PARALLEL_EXTRA": wide})
     env = {"PARALLEL_EXTRA": wide + " model.peer.kernel=grouped model.peer.defer_table_grads=3",
            "TRITON_INTERPRET": "1"}
-    torchrun("parallel_check.py", ["layouts", str(tmp_path), "dp2,pp2"], 2, env=env)
+    torchrun("parallel_check.py", ["layouts", str(tmp_path), "dp2,pp2,tp2,ep2"], 2, env=env)
     ref = json.loads((tmp_path / "reference.json").read_text())
     got = json.loads((tmp_path / "layouts.json").read_text())
-    for layout in ("dp2", "pp2"):
+    for layout in ("dp2", "pp2", "tp2", "ep2"):
         r = got[layout]
         assert r["missing"] == [], layout
         assert abs(r["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (layout, r, ref["loss"])
