@@ -367,6 +367,25 @@ def _log_model_summary(cfg, chunks):
         else:
             acc = "plain (the grouped and gmm paths do not fuse the accumulation)"
         if m.peer.defer_table_grads > 1:
-            acc += (f"; in the grouped kernels' expert-ordered form computed once per "
-                    f"{m.peer.defer_table_grads} micro-batches (model.peer.defer_table_grads)")
+            off = _defer_unused(cfg, chunks, what)
+            acc += (f"; model.peer.defer_table_grads={m.peer.defer_table_grads} has no effect "
+                    f"here: {off}" if off else f"; computed once per {m.peer.defer_table_grads} "
+                    "micro-batches (model.peer.defer_table_grads)")
         log.info("PEER table gradients: %s", acc)
+
+
+def _defer_unused(cfg, chunks, kernel_what):
+    """Why deferred table gradients would not run in this setup (None when they do)."""
+    from ..models.peer import PEER
+    from ..ops import peer_grouped
+    t = cfg.training
+    n_micro = t.global_batch_size // (t.micro_batch_size * ps.get_data_parallel_world_size())
+    if n_micro < 2:
+        return "one micro-batch per step"
+    if not kernel_what.startswith("grouped"):
+        return "they need the grouped Triton kernels (model.peer.kernel)"
+    layer = next((mod for c in chunks for mod in c.modules() if isinstance(mod, PEER)), None)
+    if layer is not None and not peer_grouped.takes_expert_order(layer.U, layer.U, layer.m):
+        return ("they need the expert-ordered form: experts at least 65 wide "
+                "(model.peer.expert_hidden) in bf16 with 16-byte rows")
+    return None
