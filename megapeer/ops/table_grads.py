@@ -56,12 +56,9 @@ def step(num_microbatches: int):
         _step, _active = None, False
 
 
-def active() -> bool:
-    """Whether a forward now may defer its tables' gradients."""
-    return _active
-
-
 def deferring(tab: torch.Tensor, every: int) -> bool:
+    """Whether a forward now defers tab's gradient (every > 1, inside a step of several
+    micro-batches, with autograd on for tab)."""
     return every > 1 and _active and tab.requires_grad and torch.is_grad_enabled()
 
 
