@@ -45,7 +45,7 @@ def step(num_microbatches: int):
     _active = num_microbatches > 1
     try:
         yield
-        left = {k: len(v[1]) for k, v in _step["kept"].items() if v[1]}
+        left = {k: len(v) for k, v in _step["kept"].items() if v}
         if left:
             raise RuntimeError(
                 f"deferred PEER table gradients (model.peer.defer_table_grads): {len(left)} "
@@ -95,7 +95,7 @@ def _keep(tab, entry, hk, m, every):
         return _scatter(tab, [entry], hk, m)
     key = id(tab)
     st["seen"][key] = st["seen"].get(key, 0) + 1
-    _, kept = st["kept"].setdefault(key, (tab, []))
+    kept = st["kept"].setdefault(key, [])
     kept.append(entry)
     if len(kept) < every and st["seen"][key] < st["n"]:
         return None

@@ -189,14 +189,14 @@ def train(cfg):
     from .metrics import MetricsLogger, memory_gib
     metrics = MetricsLogger(cfg.logging, run_dir, config_to_dict(cfg), t.train_iters,
                             enabled=rank == 0)
+    dp = ps.get_data_parallel_world_size()
+    n_micro = t.global_batch_size // (t.micro_batch_size * dp)
     if rank == 0:
         metrics.truncate_after(state["iteration"])
-        _log_model_summary(cfg, chunks)
+        _log_model_summary(cfg, chunks, n_micro)
 
     train_iters, valid_iters = _build_data(cfg, tokenizer, state["consumed_train"],
                                            state["consumed_valid"], len(ddp))
-    dp = ps.get_data_parallel_world_size()
-    n_micro = t.global_batch_size // (t.micro_batch_size * dp)
     peers = peer_modules(chunks)
     for p in peers:
         p.track_usage(True)
@@ -325,7 +325,7 @@ def evaluate(ddp, iters, eval_iters, n_micro, seq, mbs):
     return total / eval_iters
 
 
-def _log_model_summary(cfg, chunks):
+def _log_model_summary(cfg, chunks, n_micro):
     from ..models import param_counts
     from .. models.layer_specs import attention_backend
     m = cfg.model
@@ -367,24 +367,21 @@ def _log_model_summary(cfg, chunks):
         else:
             acc = "plain (the grouped and gmm paths do not fuse the accumulation)"
         if m.peer.defer_table_grads > 1:
-            off = _defer_unused(cfg, chunks, what)
+            off = _defer_unused(chunks, what, n_micro)
             acc += (f"; model.peer.defer_table_grads={m.peer.defer_table_grads} has no effect "
                     f"here: {off}" if off else f"; computed once per {m.peer.defer_table_grads} "
                     "micro-batches (model.peer.defer_table_grads)")
         log.info("PEER table gradients: %s", acc)
 
 
-def _defer_unused(cfg, chunks, kernel_what):
+def _defer_unused(chunks, kernel_what, n_micro):
     """Why deferred table gradients would not run in this setup (None when they do)."""
-    from ..models.peer import PEER
     from ..ops import peer_grouped
-    t = cfg.training
-    n_micro = t.global_batch_size // (t.micro_batch_size * ps.get_data_parallel_world_size())
     if n_micro < 2:
         return "one micro-batch per step"
     if not kernel_what.startswith("grouped"):
         return "they need the grouped Triton kernels (model.peer.kernel)"
-    layer = next((mod for c in chunks for mod in c.modules() if isinstance(mod, PEER)), None)
+    layer = next(iter(peer_modules(chunks)), None)
     if layer is not None and not peer_grouped.takes_expert_order(layer.U, layer.U, layer.m):
         return ("they need the expert-ordered form: experts at least 65 wide "
                 "(model.peer.expert_hidden) in bf16 with 16-byte rows")
