@@ -385,6 +385,10 @@ def test_opcheck_cuda():
     opcheck(torch.ops.megapeer.expert_scatter.default, (w.detach(), idx, x.detach(), V.detach(), V.shape[0], 2, 0, 256))
 
 
+def _micro_batches(cfg):
+    return cfg.training.global_batch_size // cfg.training.micro_batch_size   # one rank
+
+
 def test_training_log_names_the_kernel_auto_picks(monkeypatch, caplog):
     """On a GPU with wide experts and many pairs each, the trainer's summary names the
     grouped Triton kernels (what 'auto' runs), not the fused ones."""
@@ -402,10 +406,10 @@ def test_training_log_names_the_kernel_auto_picks(monkeypatch, caplog):
     import megapeer.ops
     monkeypatch.setattr(megapeer.ops, "kernel_status", lambda: (True, "test"))
     with caplog.at_level(logging.INFO, logger=loop.log.name):
-        loop._log_model_summary(wide, None)
+        loop._log_model_summary(wide, None, _micro_batches(wide))
     pairs = 2 * 128 * wide.model.peer.heads * wide.model.peer.topk // 64
     assert f"grouped Triton kernels (experts of width 16, ~{pairs} pairs" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger=loop.log.name):
-        loop._log_model_summary(narrow, None)
+        loop._log_model_summary(narrow, None, _micro_batches(narrow))
     assert "PEER expert kernel: fused CUDA" in caplog.text
