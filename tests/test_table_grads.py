@@ -57,8 +57,9 @@ def test_deferred_table_grads_match_per_micro_batch():
 @pytest.mark.timeout(900)
 def test_deferred_table_grads_in_parallel_layouts(tmp_path):
     """One training step through Megatron's schedule with model.peer.defer_table_grads=3
-    (4 micro-batches on one rank, 2 per rank under DP2; under PP2 the 1F1B schedule; under
-    TP2 the tables' column slices, under EP2 their row slices)."""
+    (4 micro-batches on one rank, 2 per rank under DP2, also with the reduction overlapped
+    with the backward; under PP2 the 1F1B schedule; under TP2 the tables' column slices,
+    under EP2 their row slices)."""
     import torch
     if torch.cuda.is_available():
         pytest.skip("CPU check (Triton interpreter)")
@@ -66,14 +67,16 @@ def test_deferred_table_grads_in_parallel_layouts(tmp_path):
     torchrun("parallel_check.py", ["reference", str(tmp_path)], 1, env={"PARALLEL_EXTRA": wide})
     env = {"PARALLEL_EXTRA": wide + " model.peer.kernel=grouped model.peer.defer_table_grads=3",
            "TRITON_INTERPRET": "1"}
-    torchrun("parallel_check.py", ["layouts", str(tmp_path), "dp2,pp2,tp2,ep2"], 2, env=env)
+    layouts = ("dp2", "dp2overlap", "pp2", "tp2", "ep2")
+    torchrun("parallel_check.py", ["layouts", str(tmp_path), ",".join(layouts)], 2, env=env)
     ref = json.loads((tmp_path / "reference.json").read_text())
     got = json.loads((tmp_path / "layouts.json").read_text())
-    for layout in ("dp2", "pp2", "tp2", "ep2"):
+    for layout in layouts:
         r = got[layout]
         assert r["missing"] == [], layout
         assert abs(r["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (layout, r, ref["loss"])
         assert r["grad_rel_err"] < 1e-4, (layout, r)
+    assert got["dp2overlap"]["tables_ready"] is True   # their buckets reduced during backward
 
 
 def test_defer_table_grads_must_be_positive(tmp_path):

@@ -86,6 +86,7 @@ class PEER(MegatronModule):
             p.partition_stride = 1
             p.peer_table = True                 # for weight-decay groups
             p.peer_fused_accum = peer.grad_accum_fusion   # see ops/grad_accum.py
+        table_grads.track(self.U, self.V)       # model.peer.defer_table_grads may defer them
         if self.sp:   # retrieval sees this rank's tokens only: Megatron sums these over TP
             for p in self._retrieval_params():
                 p.sequence_parallel = True
@@ -170,13 +171,8 @@ class PEER(MegatronModule):
         srt = expert_order(mode, idx, self.m, x, self.U)
         n_exp = self.U.shape[0] // self.m
         lay = expert_layout(idx, n_exp, self.m) if srt else None   # one sort, shared
-        # deferred table gradients (expert order only): the ops see detached tables and
-        # each table's gradient comes from its tap (ops/table_grads.py)
+        # deferred table gradients (expert order only; ops/table_grads.py)
         defer = self.peer.defer_table_grads
-        d_u = srt and table_grads.deferring(self.U, defer)
-        d_v = srt and table_grads.deferring(self.V, defer)
-        U = self.U.detach() if d_u else self.U
-        V = self.V.detach() if d_v else self.V
         xs = x
         if self.tp_size > 1:
             tp = ps.get_tensor_model_parallel_group()
@@ -184,9 +180,8 @@ class PEER(MegatronModule):
             # under SP, x's gather from the sequence chunks already sums its grad over TP
             xs = x if self.sp else _comm(mappings.copy_to_tensor_model_parallel_region, x, group=tp)
             xs = xs[:, lo:lo + self.d_local]
-        s = gather_dot(xs, idx, U, self.m, mode, acc_u, srt, lay)
-        if d_u:
-            s = table_grads.tap(s, xs, self.U, lay, idx[0].numel(), self.m, defer, True)
+        d_u = defer if srt and table_grads.deferring(self.U, defer, xs) else 1
+        s = gather_dot(xs, idx, self.U, self.m, mode, acc_u, srt, lay, d_u)
         if self.tp_size > 1:
             s = _comm(mappings.reduce_from_tensor_model_parallel_region, s, group=tp)
         if srt:
@@ -194,9 +189,8 @@ class PEER(MegatronModule):
         w = self.act(s) * gates.unsqueeze(-1)
         if self.tp_size > 1:
             w = _comm(mappings.copy_to_tensor_model_parallel_region, w, group=tp)
-        out = gather_axpy(w, idx, V, self.m, mode, acc_v, srt, lay)
-        if d_v:
-            out = table_grads.tap(out, w, self.V, lay, idx[0].numel(), self.m, defer, False)
+        d_v = defer if srt and table_grads.deferring(self.V, defer, w) else 1
+        out = gather_axpy(w, idx, self.V, self.m, mode, acc_v, srt, lay, d_v)
         if self.ep_size > 1:
             out = _comm(mappings.reduce_scatter_to_sequence_parallel_region, out, group=group)
         if self.tp_size > 1:

@@ -102,23 +102,24 @@ def _call(op, path, a, idx, tab, m, acc):
 
 
 def gather_dot(x, idx, U, m: int = 1, mode: str = "auto", acc=None, in_expert_order=False,
-               lay=None):
+               lay=None, defer: int = 1):
     """acc: U's fp32 main_grad for gradient-accumulation fusion (ops/grad_accum.py).
     in_expert_order (where expert_order said so): s [P, m] with the pairs sorted by expert;
-    there, lay: the layout from expert_layout."""
+    there, lay: the layout from expert_layout, and defer: U's gradient once per `defer`
+    micro-batches (ops/table_grads.py; where table_grads.deferring says so)."""
     path = _path(mode, idx, m, x, U)
     if in_expert_order:
-        return path.gather_dot(x, idx, U, m, in_expert_order=True, lay=lay)
+        return path.gather_dot(x, idx, U, m, in_expert_order=True, lay=lay, defer=defer)
     return _call("gather_dot", path, x, idx, U, m, acc)
 
 
 def gather_axpy(w, idx, V, m: int = 1, mode: str = "auto", acc=None, in_expert_order=False,
-                lay=None):
+                lay=None, defer: int = 1):
     """acc: V's fp32 main_grad for gradient-accumulation fusion (ops/grad_accum.py).
-    in_expert_order: w [P, m] in the expert order of gather_dot's s (lay as there)."""
+    in_expert_order: w [P, m] in the expert order of gather_dot's s (lay, defer as there)."""
     path = _path(mode, idx, m, w, V)
     if in_expert_order:
-        return path.gather_axpy(w, idx, V, m, in_expert_order=True, lay=lay)
+        return path.gather_axpy(w, idx, V, m, in_expert_order=True, lay=lay, defer=defer)
     return _call("gather_axpy", path, w, idx, V, m, acc)
 
 

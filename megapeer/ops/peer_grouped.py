@@ -202,14 +202,15 @@ def _(x, idx, tab, m, *lay):
 @torch.library.custom_op("megapeer::grouped_dot_sorted", mutates_args=())
 def _dot_sorted_op(x: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor,
                    block_expert: Tensor, block_start: Tensor, expert_off: Tensor,
-                   counts: Tensor, inv: Tensor) -> Tensor:
-    """grouped_dot with s [P, m] in expert order (row i: the pair order[i])."""
+                   counts: Tensor, inv: Tensor, defer: int = 1) -> Tensor:
+    """grouped_dot with s [P, m] in expert order (row i: the pair order[i]). defer > 1:
+    tab (detached) gets its gradient through ops/table_grads.py (table_grad_keep)."""
     lay = (order, block_expert, block_start, expert_off, counts, inv)
     return _dot(x, idx, tab, m, lay, (idx.numel(), m), True)
 
 
 @_dot_sorted_op.register_fake
-def _(x, idx, tab, m, *lay):
+def _(x, idx, tab, m, *lay, defer=1):
     return x.new_empty((idx.numel(), m))
 
 
@@ -347,10 +348,10 @@ GATHER_SUM = dict(BT=32, BN=256, num_warps=4)   # the sorted axpy's per-token su
 @torch.library.custom_op("megapeer::grouped_axpy_sorted", mutates_args=())
 def _axpy_sorted_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor,
                     block_expert: Tensor, block_start: Tensor, expert_off: Tensor,
-                    counts: Tensor, inv: Tensor) -> Tensor:
+                    counts: Tensor, inv: Tensor, defer: int = 1) -> Tensor:
     """grouped_axpy on w [P, m] in expert order: torch's grouped GEMM (CUTLASS on sm90)
     writes each pair's row [P, c] in expert order, and a Triton kernel sums each token's
-    rows in fp32 (column passes of at most ROWS_BYTES of rows)."""
+    rows in fp32 (column passes of at most ROWS_BYTES of rows). defer: as grouped_dot_sorted."""
     triton, *_, gather_sum = _k()
     T, d, hk = idx.shape[0], tab.shape[1], _hk(idx)
     n_exp = tab.shape[0] // m
@@ -369,12 +370,37 @@ def _axpy_sorted_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor,
 
 
 @_axpy_sorted_op.register_fake
-def _(w, idx, tab, m, *lay):
+def _(w, idx, tab, m, *lay, defer=1):
     return tab.new_empty((idx.shape[0], tab.shape[1]))
 
 
+@torch.library.custom_op("megapeer::table_grad_keep", mutates_args=())
+def _keep_op(g: Tensor, a: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor,
+             block_expert: Tensor, block_start: Tensor, expert_off: Tensor, counts: Tensor,
+             inv: Tensor, defer: int, coef_is_grad: bool) -> Tensor:
+    """Backward of an expert-ordered dot (coef_is_grad: a = x) or axpy (a = w) with a
+    deferred table gradient: a's gradient, and the table's scatter inputs handed to
+    ops/table_grads.py (kept, or scattered into the table's gradient). One opaque op, so
+    that a compiled backward keeps it (its output is used) and does not split."""
+    from . import table_grads
+    lay = (order, block_expert, block_start, expert_off, counts, inv)
+    if coef_is_grad:
+        ga = torch.ops.megapeer.grouped_axpy_sorted(g, idx, tab, m, *lay)
+    else:
+        ga = torch.ops.megapeer.grouped_dot_sorted(g, idx, tab, m, *lay)
+    coef, src = (g, a) if coef_is_grad else (a, g)
+    table_grads.keep(tab, coef, src, order, expert_off, counts, _hk(idx), m, defer)
+    return ga
+
+
+@_keep_op.register_fake
+def _(g, a, idx, tab, m, *lay_defer_coef):
+    return a.new_empty(a.shape)
+
+
 def _setup(ctx, inputs, output):
-    a, idx, tab, m, *lay = inputs      # (x or w), idx, table, m, layout
+    a, idx, tab, m, *lay = inputs      # (x or w), idx, table, m, layout (, defer)
+    ctx.defer = lay.pop() if len(lay) == 7 else 1
     ctx.save_for_backward(a, idx, tab, *lay)
     ctx.m = m
 
@@ -382,8 +408,16 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, g, other, coef_is_grad, in_expert_order):
     """Gradients of a dot (s = dot(x)) or an axpy (out = axpy(w)) from its output's g: the
     input's through the other op, the table's through the scatter (the dot's coefficients
-    are g, over the saved x; the axpy's the saved w, over g)."""
+    are g, over the saved x; the axpy's the saved w, over g). defer > 1: both from
+    table_grad_keep (the table's deferred, ops/table_grads.py)."""
     a, idx, tab, *lay = ctx.saved_tensors
+    if ctx.defer > 1:
+        if ctx.needs_input_grad[2] or not ctx.needs_input_grad[0]:
+            raise RuntimeError("a deferred table gradient needs the table detached and the "
+                               "input requiring grad (ops/table_grads.py)")
+        ga = torch.ops.megapeer.table_grad_keep(g, a, idx, tab, ctx.m, *lay, ctx.defer,
+                                                coef_is_grad)
+        return (ga,) + (None,) * 10
     ga = gt = None
     if ctx.needs_input_grad[0]:
         ga = other(g, idx, tab, ctx.m, *lay)
@@ -391,7 +425,7 @@ def _backward(ctx, g, other, coef_is_grad, in_expert_order):
         coef, src = (g, a) if coef_is_grad else (a, g)
         gt = torch.ops.megapeer.grouped_scatter(coef, idx, src, tab.shape[0], ctx.m, *lay,
                                                 coef_sorted=in_expert_order)
-    return (ga, None, gt, None) + (None,) * 6
+    return (ga, None, gt, None) + (None,) * (6 + in_expert_order)
 
 
 for _sfx, _srt in (("", False), ("_sorted", True)):   # token order; [P, m] in expert order
@@ -417,22 +451,33 @@ def available():
 
 
 def gather_dot(x: Tensor, idx: Tensor, U: Tensor, m: int = 1,
-               in_expert_order=False, lay=None) -> Tensor:
+               in_expert_order=False, lay=None, defer: int = 1) -> Tensor:
     """s [T, h, k, m]; in_expert_order: s [P, m] with the pairs sorted by expert.
-    lay: layout(idx, ...) when the caller has it (one sort per layer step, also where a
-    graph break splits the step: ops/table_grads.py)."""
+    lay: layout(idx, ...) when the caller has it (one sort per layer step).
+    defer > 1 (expert order; where table_grads.deferring says so): U's gradient deferred
+    (ops/table_grads.py)."""
     idx = idx if idx.dtype == torch.long else idx.long()
-    op = torch.ops.megapeer.grouped_dot_sorted if in_expert_order else torch.ops.megapeer.grouped_dot
-    return op(x, idx, U, int(m), *(lay if lay is not None else layout(idx, U.shape[0] // m, m)))
+    lay = lay if lay is not None else layout(idx, U.shape[0] // m, m)
+    if in_expert_order:
+        return _sorted_op(torch.ops.megapeer.grouped_dot_sorted, x, idx, U, m, lay, defer)
+    return torch.ops.megapeer.grouped_dot(x, idx, U, int(m), *lay)
 
 
 def gather_axpy(w: Tensor, idx: Tensor, V: Tensor, m: int = 1, in_expert_order=False,
-                lay=None) -> Tensor:
-    """in_expert_order: w [P, m] with the pairs sorted by expert (what gather_dot gave)."""
+                lay=None, defer: int = 1) -> Tensor:
+    """in_expert_order: w [P, m] with the pairs sorted by expert (what gather_dot gave).
+    defer: as gather_dot."""
     idx = idx if idx.dtype == torch.long else idx.long()
-    op = (torch.ops.megapeer.grouped_axpy_sorted if in_expert_order
-          else torch.ops.megapeer.grouped_axpy)
-    return op(w, idx, V, int(m), *(lay if lay is not None else layout(idx, V.shape[0] // m, m)))
+    lay = lay if lay is not None else layout(idx, V.shape[0] // m, m)
+    if in_expert_order:
+        return _sorted_op(torch.ops.megapeer.grouped_axpy_sorted, w, idx, V, m, lay, defer)
+    return torch.ops.megapeer.grouped_axpy(w, idx, V, int(m), *lay)
+
+
+def _sorted_op(op, a, idx, tab, m, lay, defer):
+    if defer > 1:   # the table detached: its gradient comes from table_grad_keep
+        return op(a, idx, tab.detach(), int(m), *lay, int(defer))
+    return op(a, idx, tab, int(m), *lay)
 
 
 SORTED_FORM = True   # False: wide experts keep the token-ordered form (bench A/B)
@@ -470,15 +515,10 @@ def peer_experts(x, idx, gates, U, V, act, m: int = 1, defer: int = 1):
     from . import table_grads
     lay = layout(idx, U.shape[0] // m, m)
     # deferred table gradients, as models/peer.py runs them (ops/table_grads.py)
-    d_u, d_v = table_grads.deferring(U, defer), table_grads.deferring(V, defer)
-    s = gather_dot(x, idx, U.detach() if d_u else U, m, in_expert_order=True, lay=lay)
-    if d_u:
-        s = table_grads.tap(s, x, U, lay, _hk(idx), m, defer, coef_is_grad=True)
+    s = gather_dot(x, idx, U, m, True, lay, defer if table_grads.deferring(U, defer, x) else 1)
     w = act(s) * to_expert_order(gates, idx, U.shape[0] // m, m, lay).unsqueeze(-1)
-    out = gather_axpy(w, idx, V.detach() if d_v else V, m, in_expert_order=True, lay=lay)
-    if d_v:
-        out = table_grads.tap(out, w, V, lay, _hk(idx), m, defer, coef_is_grad=False)
-    return out
+    return gather_axpy(w, idx, V, m, True, lay,
+                       defer if table_grads.deferring(V, defer, w) else 1)
 
 
 __all__ = ["available", "gather_dot", "gather_axpy", "peer_experts", "peer_ref"]

@@ -11,7 +11,7 @@ rounding: no less accurate than N bf16 gradients added in fp32.
 
 Cost: memory. Each kept micro-batch holds, per PEER layer, two [pairs, m] coefficient
 tensors and two [T, d] row tensors (the 1.3B benchmark model at micro-batch 2: ~320 MiB per
-layer), up to N micro-batches of them.
+layer), up to N - 1 micro-batches of them.
 
 Where: the grouped kernels' expert-ordered form (wide bf16 experts on a GPU, what `auto`
 picks at equal active FLOPs; models/peer.py), inside a training step with more than one
@@ -20,17 +20,35 @@ last backward of the step always scatters, so every gradient is complete before 
 gradient reduction and the optimizer; a step that ends with inputs still kept raises.
 Outside a step (evaluation, a bare backward) nothing is deferred.
 
-The table enters the expert op detached (its gradient is not computed in there) and its
-gradient comes from `tap`, an eager identity on the op's output: under torch.compile the
-tap splits the layer's graph (the kept tensors must be ones no compiled graph reuses).
+How, without splitting compiled graphs: the expert ops get the table detached and
+`defer=N` (peer_grouped.gather_dot / gather_axpy). Their backward computes the input's
+gradient in one opaque op (`megapeer::table_grad_keep`) that also calls `keep` here: it
+copies the micro-batch's inputs (inside a compiled graph their buffers may be reused once
+the op returns) or, when it is time, scatters all of them and adds the gradient to the
+table's own: `main_grad` under Megatron's DDP (marking it ready for an overlapped
+reduction), else `.grad`. The op finds the table's parameter by its address, among the
+tables given to `track` (models/peer.py tracks U and V).
 Tests: tests/test_table_grads.py.
 """
 import contextlib
+import weakref
 
 import torch
 
 _active = False   # inside a step with > 1 micro-batch (read by traced code: a bool guard)
 _step = None      # the open step: {"n": micro-batches, "seen": {id: backward passes}, "kept": {}}
+_tables = weakref.WeakValueDictionary()   # id -> table that may defer (track)
+
+
+def track(*tables: torch.Tensor):
+    """Tables (leaf tensors, parameters) whose gradients the expert ops may defer."""
+    for t in tables:
+        _tables[id(t)] = t
+
+
+def tracked(t: torch.Tensor) -> bool:
+    """Whether t was given to track."""
+    return _tables.get(id(t)) is t
 
 
 @contextlib.contextmanager
@@ -41,7 +59,7 @@ def step(num_microbatches: int):
     global _active, _step
     if _step is not None:
         raise RuntimeError("table_grads.step: a step is already open")
-    _step = {"n": int(num_microbatches), "seen": {}, "kept": {}}
+    _step = {"n": int(num_microbatches), "seen": {}, "kept": {}, "by_ptr": None}
     _active = num_microbatches > 1
     try:
         yield
@@ -56,56 +74,67 @@ def step(num_microbatches: int):
         _step, _active = None, False
 
 
-def deferring(tab: torch.Tensor, every: int) -> bool:
-    """Whether a forward now defers tab's gradient (every > 1, inside a step of several
-    micro-batches, with autograd on for tab)."""
-    return every > 1 and _active and tab.requires_grad and torch.is_grad_enabled()
+def deferring(tab: torch.Tensor, every: int, a: torch.Tensor) -> bool:
+    """Whether a forward now defers tab's gradient: every > 1, inside a step of several
+    micro-batches, with autograd on for tab and for the op's input a (whose backward
+    carries the table's)."""
+    return (every > 1 and _active and tab.requires_grad and a.requires_grad
+            and torch.is_grad_enabled())
 
 
-@torch.compiler.disable
-def tap(y, a, tab, layout, hk: int, m: int, every: int, coef_is_grad: bool):
-    """y (the output of a grouped op run on tab.detach()) unchanged; its backward keeps
-    the op's table-gradient inputs and gives tab its gradient every `every` micro-batches.
-    a: the op's input (x for the dot: coefficients are y's gradient; w for the axpy: rows
-    are y's gradient). layout: the grouped layout (order, ..., expert_off, counts, ...)."""
-    order, _, _, expert_off, counts, _ = layout
-    return _Tap.apply(y, a, tab, order, expert_off, counts, hk, m, every, coef_is_grad)
+def _table(tab: torch.Tensor, st) -> torch.Tensor:
+    """The tracked parameter whose memory tab (a detached alias) is."""
+    by_ptr = None if st is None else st["by_ptr"]
+    if by_ptr is None:
+        by_ptr = {t.data_ptr(): t for t in list(_tables.values())}
+        if st is not None:
+            st["by_ptr"] = by_ptr
+    p = by_ptr.get(tab.data_ptr())
+    if p is None or p.shape != tab.shape:
+        raise RuntimeError(
+            f"deferred PEER table gradients: a table of shape {tuple(tab.shape)} is not "
+            f"tracked (table_grads.track); its gradient would be lost")
+    return p
 
 
-class _Tap(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, a, tab, order, expert_off, counts, hk, m, every, coef_is_grad):
-        ctx.save_for_backward(a, order, expert_off, counts)
-        ctx.tab, ctx.hk, ctx.m, ctx.every, ctx.coef_is_grad = tab, hk, m, every, coef_is_grad
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, g):
-        a, order, expert_off, counts = ctx.saved_tensors
-        coef, src = (g, a) if ctx.coef_is_grad else (a, g)
-        gt = _keep(ctx.tab, (coef.contiguous(), src, order, expert_off, counts), ctx.hk,
-                   ctx.m, ctx.every)
-        return g, None, gt, None, None, None, None, None, None, None
-
-
-def _keep(tab, entry, hk, m, every):
-    """Keep one micro-batch's scatter inputs for tab; the table gradient when it is time."""
+def keep(tab, coef, src, order, expert_off, counts, hk: int, m: int, every: int):
+    """One micro-batch's scatter inputs for tab (detached): kept as copies, or, every
+    `every` micro-batches and at the table's last backward of the step, scattered with
+    the kept ones and added to the table's gradient."""
     st = _step
+    p = _table(tab, st)
+    entry = (coef, src, order, expert_off, counts)
     if st is None:        # a backward outside a step: nothing to wait for
-        return _scatter(tab, [entry], hk, m)
-    key = id(tab)
+        return _deliver(p, _scatter(p, [entry], hk, m))
+    key = id(p)
     st["seen"][key] = st["seen"].get(key, 0) + 1
     kept = st["kept"].setdefault(key, [])
-    kept.append(entry)
-    if len(kept) < every and st["seen"][key] < st["n"]:
-        return None
-    grad = _scatter(tab, kept, hk, m)
+    if len(kept) + 1 < every and st["seen"][key] < st["n"]:
+        # copies: inside a compiled backward these buffers may be reused after the op
+        kept.append((coef.contiguous().clone(), src.contiguous().clone(), order.clone(),
+                     expert_off.clone(), counts.clone()))
+        return
+    grad = _scatter(p, kept + [entry], hk, m)
     kept.clear()
-    return grad
+    _deliver(p, grad)
 
 
-def _scatter(tab, entries, hk, m):
+def _scatter(p, entries, hk, m):
     from . import peer_grouped
     coefs, srcs, orders, offs, counts = zip(*entries)
     return peer_grouped.scatter_many(list(coefs), list(srcs), list(orders), offs, counts, hk,
-                                     tab.shape[0], m).to(tab.dtype)
+                                     p.shape[0], m).to(p.dtype)
+
+
+def _deliver(p, grad):
+    """grad into p's gradient: main_grad (fp32) under Megatron's DDP, then its bucket told
+    (overlapped reduction: `p._defer_ready`, set by training/step.py: wrap_ddp); else .grad."""
+    main = getattr(p, "main_grad", None)
+    if main is None:
+        p.grad = grad if p.grad is None else p.grad + grad
+        return
+    from . import grad_add
+    grad_add.add_(main, grad)   # the Triton add where it serves, else torch's (same bits)
+    ready = getattr(p, "_defer_ready", None)
+    if ready is not None:
+        ready()

@@ -4,6 +4,7 @@ Used by the train loop, evaluation and the parallel-correctness tests alike, so
 that what the tests prove is what training runs.
 """
 import contextlib
+import functools
 
 import torch
 from megatron.core import parallel_state as ps
@@ -79,6 +80,7 @@ def wrap_ddp(chunks, tcfg, use_distributed_optimizer=False, overlap_grad_reduce=
                for i, c in enumerate(chunks)]
     for m in wrapped:   # PEER tables' gradients straight into main_grad (ops/grad_accum.py)
         prepare_accumulators(m.module, enabled=not overlap_grad_reduce)
+        _deferred_ready(m, overlap_grad_reduce)
     tcfg.no_sync_func = [m.no_sync for m in wrapped]
     if len(wrapped) == 1:
         tcfg.no_sync_func = tcfg.no_sync_func[0]
@@ -88,6 +90,20 @@ def wrap_ddp(chunks, tcfg, use_distributed_optimizer=False, overlap_grad_reduce=
             tcfg.grad_sync_func = tcfg.grad_sync_func[0]
     tcfg.finalize_model_grads_func = _finalize_grads
     return wrapped
+
+
+def _deferred_ready(ddp, overlap_grad_reduce):
+    """Deferred PEER table gradients (ops/table_grads.py) reach main_grad outside autograd,
+    so DDP's hook never runs for them: under an overlapped reduction each such table tells
+    its bucket itself (as the hook would, once per gradient)."""
+    for p in ddp.module.parameters():
+        p._defer_ready = None
+        if overlap_grad_reduce and p in ddp.param_to_bucket_group and table_grads.tracked(p):
+            p._defer_ready = functools.partial(_register_ready, ddp, p)
+
+
+def _register_ready(ddp, p):
+    ddp.param_to_bucket_group[p].register_grad_ready(p, ddp.force_all_reduce)
 
 
 def _finalize_grads(*args, **kwargs):

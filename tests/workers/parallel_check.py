@@ -27,6 +27,7 @@ LAYOUTS = {
     "vpp2": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
     "ep2": ["parallel.expert=2"],
     "dp2": [],
+    "dp2overlap": ["training.overlap_grad_reduce=true"],
     "tp2ep2": ["parallel.tensor=2", "parallel.expert=2"],
     "tp2sp": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
     "tp2spep2": ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"],
@@ -60,12 +61,23 @@ def run_step(cfg, chunks):
     dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = [b for i, b in enumerate(global_batch()) if i % dp == r]
     tcfg = chunks[0].config
-    ddp = wrap_ddp(chunks, tcfg)
-    for m in ddp:
-        m.zero_grad_buffer()
-    iters = [iter(mine) for _ in ddp]
-    loss = forward_backward(ddp, iters, len(mine), SEQ, MBS)
+    overlap = cfg.training.overlap_grad_reduce
+    ddp = wrap_ddp(chunks, tcfg, overlap_grad_reduce=overlap)
+    # overlapped: the same step twice (DDP learns its buckets' readiness in the first)
+    for _ in range(2 if overlap else 1):
+        for m in ddp:
+            m.zero_grad_buffer()
+        iters = [iter(mine) for _ in ddp]
+        loss = forward_backward(ddp, iters, len(mine), SEQ, MBS)
+    if overlap:   # deferred PEER table gradients told DDP they were ready (ops/table_grads.py)
+        from megapeer.ops import table_grads
+        TABLES_READY[0] = all(p in bg.golden_per_param_grad_ready_counts for m in ddp
+                              for p, bg in m.param_to_bucket_group.items()
+                              if table_grads.tracked(p))
     return float(loss), gather_full(chunks, "grad")
+
+
+TABLES_READY = [None]
 
 
 def logits(chunks):
@@ -110,7 +122,7 @@ def main(stage, out, layouts):
                     .item() for k in ref if k in grads}
             worst = max(errs, key=errs.get)
             res[name] = {"loss": loss, "grad_rel_err": errs[worst], "worst_key": worst,
-                         "missing": sorted(set(ref) - set(grads))}
+                         "missing": sorted(set(ref) - set(grads)), "tables_ready": TABLES_READY[0]}
             save_model(chunks, f"{out}/ckpt_{name}")
     elif stage == "reload":
         for name in layouts:
