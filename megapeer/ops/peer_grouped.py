@@ -39,9 +39,9 @@ fp32 inputs use IEEE fp32 dots. Blocks hold BM = 64 pairs, 128 for experts >= 12
 Select it with model.peer.kernel=grouped. It runs wherever Triton runs: CUDA GPUs, and
 the CPU under TRITON_INTERPRET=1 (how the tests check it against the reference).
 One sort of the pairs (the layout op) serves a layer's forward dot and axpy and, saved by
-autograd, their four backward kernels. `scatter_many` sums the scatter over several
-micro-batches in one pass (deferred table gradients, ops/table_grads.py). Tests: tests/test_peer_grouped.py (Triton
-interpreter on CPU; bf16 on a GPU). Timings: docs/benchmarks.md ("Grouped Triton kernels").
+autograd, their four backward kernels. `scatter_merged` runs the scatter over several
+micro-batches as one (deferred table gradients, ops/table_grads.py). Tests:
+tests/test_peer_grouped.py (Triton interpreter on CPU; bf16 on a GPU). Timings: docs/benchmarks.md ("Grouped Triton kernels").
 """
 from __future__ import annotations
 
@@ -274,17 +274,7 @@ def _scatter_op(coef: Tensor, idx: Tensor, src: Tensor, n_rows: int, m: int, ord
                 block_expert: Tensor, block_start: Tensor, expert_off: Tensor,
                 counts: Tensor, inv: Tensor, coef_sorted: bool = False) -> Tensor:
     """coef_sorted: coef is [P, m] in expert order (the sorted form's s and w)."""
-    triton, _, _, scatter_kernel, _ = _k()
-    src = _rows(src)
-    coef = coef.contiguous()
-    n_exp = n_rows // m
-    d = src.shape[1]
-    grad = torch.empty(n_rows, d, dtype=src.dtype, device=src.device)
-    t = _tiles("scatter", m)
-    scatter_kernel[(n_exp * triton.cdiv(d, t["BN"]) * (_mb(m) // t["MC"]),)](
-        coef, src, src.stride(0), grad, order, expert_off, counts, _hk(idx), m, d, n_exp,
-        MB=_mb(m), IEEE=src.dtype == torch.float32, SORTED=coef_sorted, **t)
-    return grad
+    return _scatter(coef, src, order, expert_off, counts, _hk(idx), n_rows, m, coef_sorted)
 
 
 @_scatter_op.register_fake
@@ -292,54 +282,58 @@ def _(coef, idx, src, n_rows, m, *lay, coef_sorted=False):
     return src.new_empty((n_rows, src.shape[1]))
 
 
-# scatter_many: the source loop unrolled (a kernel per source count); the pair ids not
-# loaded a step ahead (H200: 4.25 against 4.42 ms for 4 sources + add, docs/benchmarks.md)
-MANY_UNROLL = True
-MANY_PREFETCH = False
-
-
-def scatter_many(coefs, srcs, orders, expert_offs, counts, hk: int, n_rows: int, m: int,
-                 coef_sorted: bool = True) -> Tensor:
-    """The grouped scatter summed over several sources in one pass (table gradients of
-    several micro-batches, ops/table_grads.py): sum_i scatter(coefs[i], srcs[i]) over each
-    source's own layout (orders, expert_offs, counts), one fp32 sum per output tile, one
-    rounding. Sources share hk and d; their pair counts may differ."""
-    triton, *_ = _k()
-    from . import peer_grouped_kernels as pk
-    coefs = [c.contiguous() for c in coefs]
-    srcs = [_rows(t) for t in srcs]
-    if len({t.stride(0) for t in srcs}) > 1:
-        srcs = [t.contiguous() for t in srcs]
-    dev, dt, d = srcs[0].device, srcs[0].dtype, srcs[0].shape[1]
-    if any(t.dtype != dt for t in coefs + srcs) or any(t.shape[1] != d for t in srcs):
-        raise TypeError("scatter_many: sources of different dtypes or widths")
-    offs, aligned = _offsets(coefs, srcs, orders, dev)
+def _scatter(coef, src, order, expert_off, counts, hk, n_rows, m, coef_sorted, **tiles):
+    """The scatter kernel: grad [n_rows, d], expert e's rows the sum over its pairs
+    order[expert_off[e]:][:counts[e]] of coef[pair]^T . src[pair // hk] (coef_sorted: the
+    coefficient row is the pair's place in order)."""
+    triton, _, _, scatter_kernel, _ = _k()
+    src = _rows(src)
+    coef = coef.contiguous()
     n_exp = n_rows // m
-    grad = torch.empty(n_rows, d, dtype=dt, device=dev)
-    t = dict(_tiles("scatter", m), PREFETCH=MANY_PREFETCH)
-    pk.peer_grouped_scatter_many[(n_exp * triton.cdiv(d, t["BN"]) * (_mb(m) // t["MC"]),)](
-        coefs[0], srcs[0], orders[0], offs, srcs[0].stride(0), grad,
-        torch.stack(list(expert_offs)), torch.stack(list(counts)), len(coefs), hk, m, d, n_exp,
-        MB=_mb(m), IEEE=dt == torch.float32, SORTED=coef_sorted, ALIGNED=aligned,
-        N_SRC=len(coefs) if MANY_UNROLL else 0, **t)
+    d = src.shape[1]
+    grad = torch.empty(n_rows, d, dtype=src.dtype, device=src.device)
+    t = {**_tiles("scatter", m), **tiles}
+    t["MC"] = min(t["MC"], _mb(m))
+    scatter_kernel[(n_exp * triton.cdiv(d, t["BN"]) * (_mb(m) // t["MC"]),)](
+        coef, src, src.stride(0), grad, order, expert_off, counts, hk, m, d, n_exp,
+        MB=_mb(m), IEEE=src.dtype == torch.float32, SORTED=coef_sorted, **t)
     return grad
 
 
-def _offsets(coefs, srcs, orders, dev):
-    """Each source's (coef, src, order) start in elements after the first source's, as an
-    int64 tensor [3 n] on dev (copied from pinned memory without waiting for the GPU: the
-    caching host allocator keeps the buffer until the copy has run); and whether every
-    tensor starts on 16 bytes."""
-    firsts = (coefs[0], srcs[0], orders[0])
-    offs, aligned = [], True
-    for trio in zip(coefs, srcs, orders):
-        for t, base in zip(trio, firsts):
-            offs.append((t.data_ptr() - base.data_ptr()) // t.element_size())
-            aligned &= t.data_ptr() % 16 == 0
-    host = torch.tensor(offs, dtype=torch.int64)
-    if dev.type != "cuda":
-        return host, aligned
-    return host.pin_memory().to(dev, non_blocking=True), aligned
+# the scatter over several micro-batches at once: its own column chunk (H200, 1.3B layer
+# shape, 4 micro-batches: 2.98 against 3.15 ms with the single scatter's MC = 128;
+# docs/benchmarks.md, call 63)
+MERGED_TILES = dict(MC=256)
+
+
+def scatter_merged(coef: Tensor, src: Tensor, layouts, hk: int, n_rows: int, m: int) -> Tensor:
+    """The grouped scatter over several micro-batches as one (deferred table gradients,
+    ops/table_grads.py): coef [sum P_i, m] the micro-batches' coefficients in token order
+    one after another, src [sum T_i, d] their token rows likewise; layouts: each one's
+    (order, expert_off, counts). One loop per expert over all its pairs, one rounding."""
+    order, expert_off, counts = merge_layouts(layouts, hk)
+    return _scatter(coef, src, order, expert_off, counts, hk, n_rows, m, False, **MERGED_TILES)
+
+
+def merge_layouts(layouts, hk: int):
+    """Several micro-batches' expert orders (order, expert_off, counts; order as pair ids
+    within each) as one over their pairs numbered one micro-batch after another: expert e's
+    pairs of micro-batch 0, then of 1, ... Torch ops on the device, no sort, no host sync."""
+    counts = torch.stack([c for _, _, c in layouts]).long()          # [S, E]
+    total = counts.sum(0)
+    start = torch.cumsum(total, 0) - total                           # e's first merged place
+    before = torch.cumsum(counts, 0) - counts                        # e's pairs in earlier ones
+    n_exp, dev = counts.shape[1], counts.device
+    sizes = [o.numel() for o, _, _ in layouts]
+    merged = torch.empty(sum(sizes), dtype=torch.int32, device=dev)
+    base = 0
+    for i, ((order, off, cnt), size) in enumerate(zip(layouts, sizes)):
+        e = torch.repeat_interleave(torch.arange(n_exp, device=dev), cnt.long(),
+                                    output_size=size)               # expert of each place
+        shift = start + before[i] - off.long()                       # [E]
+        merged[torch.arange(size, device=dev) + shift[e]] = order + base
+        base += size
+    return merged, start.int(), total.int()
 
 
 GATHER_SUM = dict(BT=32, BN=256, num_warps=4)   # the sorted axpy's per-token sum
@@ -389,7 +383,7 @@ def _keep_op(g: Tensor, a: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tens
     else:
         ga = torch.ops.megapeer.grouped_dot_sorted(g, idx, tab, m, *lay)
     coef, src = (g, a) if coef_is_grad else (a, g)
-    table_grads.keep(tab, coef, src, order, expert_off, counts, _hk(idx), m, defer)
+    table_grads.keep(tab, coef, src, (order, expert_off, counts, inv), _hk(idx), m, defer)
     return ga
 
 

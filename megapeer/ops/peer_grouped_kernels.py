@@ -147,51 +147,6 @@ def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m,
 
 
 @triton.jit
-def _scatter_source(acc, i, coef, src, order, offs, lds, expert_off, counts, e, hk, m, j, n, d,
-                    n_exp, BM: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr,
-                    ALIGNED: tl.constexpr, SORTED: tl.constexpr):
-    """Source i's part of peer_grouped_scatter_many."""
-    oc = tl.load(offs + 3 * i)
-    os_ = tl.load(offs + 3 * i + 1)
-    oo = tl.load(offs + 3 * i + 2)
-    if ALIGNED:
-        oc = tl.multiple_of(oc, 8)
-        os_ = tl.multiple_of(os_, 8)
-        oo = tl.multiple_of(oo, 4)
-    return _scatter_sum(acc, coef + oc, src + os_, lds, order + oo,
-                        tl.load(expert_off + i * n_exp + e), tl.load(counts + i * n_exp + e),
-                        hk, m, j, n, d, BM, IEEE, PREFETCH, SORTED)
-
-
-@triton.jit
-def peer_grouped_scatter_many(coef, src, order, offs, lds, grad, expert_off, counts, n_src, hk,
-                              m, d, n_exp, BM: tl.constexpr, MB: tl.constexpr,
-                              BN: tl.constexpr, MC: tl.constexpr, IEEE: tl.constexpr,
-                              LOCAL: tl.constexpr, PREFETCH: tl.constexpr,
-                              ALIGNED: tl.constexpr, N_SRC: tl.constexpr = 0,
-                              SORTED: tl.constexpr = False):
-    """peer_grouped_scatter summed over n_src sources (micro-batches) in one pass. Source i's
-    coefficients, rows and pair order start offs[3 i + (0, 1, 2)] elements after coef, src
-    and order (the first source's tensors); expert_off and counts are [n_src, n_exp]; lds
-    is the sources' shared row stride. ALIGNED: every offset is a multiple of 16 bytes (lets
-    the loads vectorise, as with pointers passed as arguments). N_SRC > 0: n_src known at
-    compile time (the source loop unrolled). One fp32 sum per output tile, sources in
-    order: deferred table gradients (ops/table_grads.py)."""
-    e, j, n = _scatter_tile(tl.program_id(0), n_exp, d, BN, MB, MC, LOCAL)
-    acc = tl.zeros((MC, BN), dtype=tl.float32)
-    if N_SRC > 0:
-        for i in tl.static_range(N_SRC):
-            acc = _scatter_source(acc, i, coef, src, order, offs, lds, expert_off, counts, e,
-                                  hk, m, j, n, d, n_exp, BM, IEEE, PREFETCH, ALIGNED, SORTED)
-    else:
-        for i in range(0, n_src):
-            acc = _scatter_source(acc, i, coef, src, order, offs, lds, expert_off, counts, e,
-                                  hk, m, j, n, d, n_exp, BM, IEEE, PREFETCH, ALIGNED, SORTED)
-    tl.store(grad + (e * m + j)[:, None] * d + n[None, :], acc.to(grad.dtype.element_ty),
-             mask=(j < m)[:, None] & (n < d)[None, :])
-
-
-@triton.jit
 def peer_gather_sum(rows, inv, out, ldo, T, hk, d, BT: tl.constexpr, BN: tl.constexpr):
     """out[t, :d] = sum over the token's hk pairs of rows[inv[t * hk + s]], in fp32 and in
     pair order: the per-token sum of pair rows [P, d] stored in expert order."""

@@ -63,7 +63,7 @@ def step(num_microbatches: int):
     _active = num_microbatches > 1
     try:
         yield
-        left = {k: len(v) for k, v in _step["kept"].items() if v}
+        left = {k: len(v) for k, v in _step["kept"].items() if len(v)}
         if left:
             raise RuntimeError(
                 f"deferred PEER table gradients (model.peer.defer_table_grads): {len(left)} "
@@ -97,33 +97,64 @@ def _table(tab: torch.Tensor, st) -> torch.Tensor:
     return p
 
 
-def keep(tab, coef, src, order, expert_off, counts, hk: int, m: int, every: int):
-    """One micro-batch's scatter inputs for tab (detached): kept as copies, or, every
-    `every` micro-batches and at the table's last backward of the step, scattered with
-    the kept ones and added to the table's gradient."""
+def keep(tab, coef, src, lay, hk: int, m: int, every: int):
+    """One micro-batch's scatter inputs for tab (detached): coef [P, m] in the expert order
+    of lay (order, expert_off, counts, inv), src [T, d]. Copied into the pass's buffers, and
+    every `every` micro-batches and at the table's last backward of the step scattered all
+    at once (peer_grouped.scatter_merged) and added to the table's gradient."""
     st = _step
     p = _table(tab, st)
-    entry = (coef, src, order, expert_off, counts)
+    order, expert_off, counts, inv = lay
     if st is None:        # a backward outside a step: nothing to wait for
-        return _deliver(p, _scatter(p, [entry], hk, m))
+        return _deliver(p, _scatter_one(p, coef, src, order, expert_off, counts, hk, m))
     key = id(p)
-    st["seen"][key] = st["seen"].get(key, 0) + 1
-    kept = st["kept"].setdefault(key, [])
-    if len(kept) + 1 < every and st["seen"][key] < st["n"]:
-        # copies: inside a compiled backward these buffers may be reused after the op
-        kept.append((coef.contiguous().clone(), src.contiguous().clone(), order.clone(),
-                     expert_off.clone(), counts.clone()))
-        return
-    grad = _scatter(p, kept + [entry], hk, m)
-    kept.clear()
-    _deliver(p, grad)
+    seen = st["seen"][key] = st["seen"].get(key, 0) + 1
+    pas = st["kept"].get(key)
+    if pas is None:
+        n_src = min(every, st["n"] - seen + 1)   # this pass's micro-batches
+        if n_src == 1:
+            return _deliver(p, _scatter_one(p, coef, src, order, expert_off, counts, hk, m))
+        pas = st["kept"][key] = _Pass(n_src, coef, src)
+    pas.add(coef, src, order, expert_off, counts, inv)
+    if len(pas) == pas.n_src:
+        del st["kept"][key]
+        _deliver(p, pas.scatter(p, hk, m))
 
 
-def _scatter(p, entries, hk, m):
+class _Pass:
+    """The micro-batches of one table-gradient pass: their coefficients in token order and
+    their token rows, each in its slot of one buffer (copies: inside a compiled backward the
+    op's inputs may be reused once it returns), and their layouts."""
+
+    def __init__(self, n_src, coef, src):
+        self.n_src, self.P, self.T = n_src, coef.shape[0], src.shape[0]
+        self.coef = coef.new_empty((n_src * self.P, coef.shape[1]))
+        self.src = src.new_empty((n_src * self.T, src.shape[1]))
+        self.layouts = []
+
+    def __len__(self):
+        return len(self.layouts)
+
+    def add(self, coef, src, order, expert_off, counts, inv):
+        i = len(self.layouts)
+        if coef.shape[0] != self.P or src.shape[0] != self.T:
+            raise RuntimeError(
+                f"deferred PEER table gradients (model.peer.defer_table_grads): micro-batch of "
+                f"{src.shape[0]} tokens after ones of {self.T}; deferral needs equal micro-batches")
+        torch.index_select(coef, 0, inv.long(), out=self.coef[i * self.P:(i + 1) * self.P])
+        self.src[i * self.T:(i + 1) * self.T].copy_(src)
+        self.layouts.append((order.clone(), expert_off.clone(), counts.clone()))
+
+    def scatter(self, p, hk, m):
+        from . import peer_grouped
+        return peer_grouped.scatter_merged(self.coef, self.src, self.layouts, hk, p.shape[0],
+                                           m).to(p.dtype)
+
+
+def _scatter_one(p, coef, src, order, expert_off, counts, hk, m):
     from . import peer_grouped
-    coefs, srcs, orders, offs, counts = zip(*entries)
-    return peer_grouped.scatter_many(list(coefs), list(srcs), list(orders), offs, counts, hk,
-                                     p.shape[0], m).to(p.dtype)
+    return peer_grouped._scatter(coef, src, order, expert_off, counts, hk, p.shape[0], m,
+                                 True).to(p.dtype)
 
 
 def _deliver(p, grad):

@@ -19,37 +19,32 @@ def rel(a, b):
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30))
 
 
-def scatter_many_case(dev, dt):
-    """scatter_many over three sources of different sizes against the sum of one
-    scatter each (accumulated in fp32); the source loop unrolled or not, the pair ids
-    loaded a step ahead or not."""
+def merged_case(dev, dt):
+    """scatter_merged over three micro-batches of different sizes against the sum of one
+    scatter each (accumulated in fp64)."""
     g = torch.Generator().manual_seed(1)
     want = torch.zeros(N_EXP * M, D, dtype=torch.float64)
     coefs, srcs, lays = [], [], []
     for T_i in (24, 17, 31):
         idx = torch.randint(0, N_EXP, (T_i, H, K), generator=g).to(dev)
         lay = peer_grouped._layout(idx, N_EXP, M)
-        coef = torch.randn(idx.numel(), M, generator=g).to(dev, dt)
+        coef = torch.randn(idx.numel(), M, generator=g).to(dev, dt)   # expert order
         src = torch.randn(T_i, D + 6, generator=g).to(dev, dt)[:, 3:3 + D]   # strided rows
         one = torch.ops.megapeer.grouped_scatter(coef, idx, src, N_EXP * M, M, *lay,
                                                  coef_sorted=True)
         want += one.double().cpu()
-        coefs.append(coef)
+        coefs.append(coef[lay[5].long()])   # token order
         srcs.append(src)
-        lays.append(lay)
-    errs = []
-    for unroll, prefetch in ((True, False), (False, True)):   # the default, then both switched
-        with mock.patch.multiple(peer_grouped, MANY_UNROLL=unroll, MANY_PREFETCH=prefetch):
-            got = peer_grouped.scatter_many(coefs, srcs, [lay[0] for lay in lays],
-                                            [lay[3] for lay in lays], [lay[4] for lay in lays],
-                                            H * K, N_EXP * M, M)
-        errs.append(rel(got.cpu(), want))
-    return max(errs)
+        lays.append((lay[0], lay[3], lay[4]))
+    got = peer_grouped.scatter_merged(torch.cat(coefs), torch.cat(srcs), lays, H * K,
+                                      N_EXP * M, M)
+    return rel(got.cpu(), want)
 
 
 def step_grads(dev, dt, defer, n_micro, compiled=False, backwards=None):
     """Gradients of x, gates (per micro-batch) and U, V (summed) over n_micro micro-batches
-    of the expert step in one table_grads.step, and the scatter_many calls made."""
+    of the expert step in one table_grads.step, and the micro-batches each table-gradient
+    pass took (scatter_merged, or one alone)."""
     g = torch.Generator().manual_seed(2)
     U = (torch.randn(N_EXP * M, D, generator=g) * D ** -0.5).to(dev, dt).requires_grad_()
     V = (torch.randn(N_EXP * M, D, generator=g) * D ** -0.5).to(dev, dt).requires_grad_()
@@ -59,13 +54,18 @@ def step_grads(dev, dt, defer, n_micro, compiled=False, backwards=None):
         torch._dynamo.reset()
         fn = torch.compile(fn, fullgraph=True)
     per_mb, calls = [], []
-    real = peer_grouped.scatter_many
+    merged, one = peer_grouped.scatter_merged, table_grads._scatter_one
     none_before_flush = True
 
-    def counted(*a, **kw):
-        calls.append(len(a[0]))
-        return real(*a, **kw)
-    with mock.patch.object(peer_grouped, "scatter_many", counted), \
+    def counted(coef, src, layouts, *a):
+        calls.append(len(layouts))
+        return merged(coef, src, layouts, *a)
+
+    def counted_one(*a):
+        calls.append(1)
+        return one(*a)
+    with mock.patch.object(peer_grouped, "scatter_merged", counted), \
+            mock.patch.object(table_grads, "_scatter_one", counted_one), \
             table_grads.step(n_micro):
         for i in range(backwards if backwards is not None else n_micro):
             x = torch.randn(T, D, generator=g).to(dev, dt).requires_grad_()
@@ -88,9 +88,9 @@ def main():
     M = 128 if dev == "cuda" else 100
     assert peer_grouped.takes_expert_order(torch.zeros(1, D, dtype=dt, device=dev),
                                            torch.zeros(M, D, dtype=dt, device=dev), M)
-    res = {"scatter_many": scatter_many_case(dev, dt)}
+    res = {"scatter_merged": merged_case(dev, dt)}
     base = step_grads(dev, dt, 1, 4)
-    assert base[3] == [] and base[4], "defer=1 must not go through scatter_many"
+    assert base[3] == [] and base[4], "defer=1 must not defer"
     f32 = step_grads(dev, torch.float32, 1, 4) if dev == "cuda" else None
     for defer, want_calls in ((2, [2, 2]), (3, [3, 1]), (5, [4])):
         U_g, V_g, per_mb, calls, none_first = step_grads(dev, dt, defer, 4)
