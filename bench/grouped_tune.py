@@ -103,7 +103,7 @@ def main():
                     return o.view(T, hk, d).sum(1) if store else o.to(torch.bfloat16)
                 grad = torch.empty(n_exp * m, d, **bf)
                 pk.peer_grouped_scatter[(n_exp * triton.cdiv(d, tile) * (MB // mc),)](
-                    w, go, d, grad, order, order, eoff, counts, hk, m, d, n_exp, BN=tile,
+                    w, go, d, grad, order, eoff, counts, hk, m, d, n_exp, BN=tile,
                     LOCAL=local, PREFETCH=prefetch, **kw)
                 return grad
 

@@ -6,7 +6,7 @@ triton.testing.do_bench (ms):
            model.peer.defer_table_grads), plus DDP's fp32 add of each bf16 result into a
            main_grad (ops/grad_add.py)
   merged   what a deferred pass runs at its end: peer_grouped.scatter_merged over the n
-           micro-batches (their coefficients and rows in one buffer each; layouts merged),
+           micro-batches (coefficients in token order, one buffer; their layouts merged),
            plus one add; also with the n copies into the pass's buffers that the backward
            makes (ops/table_grads.py), and with other scatter tiles (--tiles)
 Each merged form is checked against the sum of the single results in fp32 (max error over
@@ -62,7 +62,7 @@ def main():
     def copies():
         p = table_grads._Pass(args.n, coefs[0], srcs[0])
         for (_, lay), c, s in zip(lays, coefs, srcs):
-            p.add(c, s, lay[0], lay[3], lay[4])
+            p.add(c, s, lay[0], lay[3], lay[4], lay[5])
         return p
 
     buf = copies()

@@ -282,11 +282,10 @@ def _(coef, idx, src, n_rows, m, *lay, coef_sorted=False):
     return src.new_empty((n_rows, src.shape[1]))
 
 
-def _scatter(coef, src, order, expert_off, counts, hk, n_rows, m, coef_sorted, crows=None,
-             **tiles):
+def _scatter(coef, src, order, expert_off, counts, hk, n_rows, m, coef_sorted, **tiles):
     """The scatter kernel: grad [n_rows, d], expert e's rows the sum over its pairs
-    order[expert_off[e]:][:counts[e]] of coef[row]^T . src[pair // hk]; the coefficient
-    row is the pair's place in order (coef_sorted), or crows at that place, or the pair."""
+    order[expert_off[e]:][:counts[e]] of coef[pair]^T . src[pair // hk] (coef_sorted: the
+    coefficient row is the pair's place in order)."""
     triton, _, _, scatter_kernel, _ = _k()
     src = _rows(src)
     coef = coef.contiguous()
@@ -296,9 +295,8 @@ def _scatter(coef, src, order, expert_off, counts, hk, n_rows, m, coef_sorted, c
     t = {**_tiles("scatter", m), **tiles}
     t["MC"] = min(t["MC"], _mb(m))
     scatter_kernel[(n_exp * triton.cdiv(d, t["BN"]) * (_mb(m) // t["MC"]),)](
-        coef, src, src.stride(0), grad, order, order if crows is None else crows, expert_off,
-        counts, hk, m, d, n_exp, MB=_mb(m), IEEE=src.dtype == torch.float32,
-        SORTED=coef_sorted, CROWS=crows is not None, **t)
+        coef, src, src.stride(0), grad, order, expert_off, counts, hk, m, d, n_exp,
+        MB=_mb(m), IEEE=src.dtype == torch.float32, SORTED=coef_sorted, **t)
     return grad
 
 
@@ -310,21 +308,17 @@ MERGED_TILES = dict(MC=256)
 
 def scatter_merged(coef: Tensor, src: Tensor, layouts, hk: int, n_rows: int, m: int) -> Tensor:
     """The grouped scatter over several micro-batches as one (deferred table gradients,
-    ops/table_grads.py): coef [sum P_i, m] the micro-batches' coefficients, each in its
-    expert order, one after another; src [sum T_i, d] their token rows likewise; layouts:
-    each one's (order, expert_off, counts). One loop per expert over all its pairs, one
-    rounding."""
-    order, crows, expert_off, counts = merge_layouts(layouts)
-    return _scatter(coef, src, order, expert_off, counts, hk, n_rows, m, False, crows,
-                    **MERGED_TILES)
+    ops/table_grads.py): coef [sum P_i, m] the micro-batches' coefficients in token order
+    one after another, src [sum T_i, d] their token rows likewise; layouts: each one's
+    (order, expert_off, counts). One loop per expert over all its pairs, one rounding."""
+    order, expert_off, counts = merge_layouts(layouts, hk)
+    return _scatter(coef, src, order, expert_off, counts, hk, n_rows, m, False, **MERGED_TILES)
 
 
-def merge_layouts(layouts):
+def merge_layouts(layouts, hk: int):
     """Several micro-batches' expert orders (order, expert_off, counts; order as pair ids
     within each) as one over their pairs numbered one micro-batch after another: expert e's
-    pairs of micro-batch 0, then of 1, ...; with each place's row in the micro-batches'
-    expert-ordered rows one after another (crows). Torch ops on the device, no sort, no
-    host sync."""
+    pairs of micro-batch 0, then of 1, ... Torch ops on the device, no sort, no host sync."""
     counts = torch.stack([c for _, _, c in layouts]).long()          # [S, E]
     total = counts.sum(0)
     start = torch.cumsum(total, 0) - total                           # e's first merged place
@@ -332,17 +326,14 @@ def merge_layouts(layouts):
     n_exp, dev = counts.shape[1], counts.device
     sizes = [o.numel() for o, _, _ in layouts]
     merged = torch.empty(sum(sizes), dtype=torch.int32, device=dev)
-    crows = torch.empty_like(merged)
     base = 0
     for i, ((order, off, cnt), size) in enumerate(zip(layouts, sizes)):
         e = torch.repeat_interleave(torch.arange(n_exp, device=dev), cnt.long(),
                                     output_size=size)               # expert of each place
-        places = torch.arange(size, device=dev)
-        to = places + (start + before[i] - off.long())[e]             # its merged place
-        merged[to] = order + base
-        crows[to] = (places + base).int()
+        shift = start + before[i] - off.long()                       # [E]
+        merged[torch.arange(size, device=dev) + shift[e]] = order + base
         base += size
-    return merged, crows, start.int(), total.int()
+    return merged, start.int(), total.int()
 
 
 GATHER_SUM = dict(BT=32, BN=256, num_warps=4)   # the sorted axpy's per-token sum
@@ -392,7 +383,7 @@ def _keep_op(g: Tensor, a: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tens
     else:
         ga = torch.ops.megapeer.grouped_dot_sorted(g, idx, tab, m, *lay)
     coef, src = (g, a) if coef_is_grad else (a, g)
-    table_grads.keep(tab, coef, src, (order, expert_off, counts), _hk(idx), m, defer)
+    table_grads.keep(tab, coef, src, (order, expert_off, counts, inv), _hk(idx), m, defer)
     return ga
 
 

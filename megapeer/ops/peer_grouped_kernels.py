@@ -104,12 +104,10 @@ def _scatter_tile(pid, n_exp, d, BN: tl.constexpr, MB: tl.constexpr, MC: tl.cons
 
 
 @triton.jit
-def _scatter_sum(acc, coef, src, lds, order, crows, off, cnt, hk, m, j, n, d, BM: tl.constexpr,
-                 IEEE: tl.constexpr, PREFETCH: tl.constexpr, SORTED: tl.constexpr,
-                 CROWS: tl.constexpr):
+def _scatter_sum(acc, coef, src, lds, order, off, cnt, hk, m, j, n, d, BM: tl.constexpr,
+                 IEEE: tl.constexpr, PREFETCH: tl.constexpr, SORTED: tl.constexpr):
     """acc [MC, BN] += coef[pairs, j]^T . src[tokens, n] over one expert's cnt pairs,
-    which start at `off` in `order` (CROWS: their coefficient rows at the same places in
-    crows; SORTED: a pair's row is its place; else its id)."""
+    which start at `off` in `order`."""
     jv = j < m
     nm = n < d
     if PREFETCH:   # the next step's pair ids are loaded one step ahead (loop-carried)
@@ -123,12 +121,7 @@ def _scatter_sum(acc, coef, src, lds, order, crows, off, cnt, hk, m, j, n, d, BM
         else:
             pair = tl.load(order + off + local, mask=valid, other=0).to(tl.int64)
         tok = pair // hk
-        if CROWS:
-            crow = tl.load(crows + off + local, mask=valid, other=0).to(tl.int64)
-        elif SORTED:   # coef by expert
-            crow = (off + local).to(tl.int64)
-        else:
-            crow = pair
+        crow = (off + local).to(tl.int64) if SORTED else pair   # SORTED: coef by expert
         c = tl.load(coef + crow[:, None] * m + j[None, :], mask=valid[:, None] & jv[None, :],
                     other=0.0)
         sx = tl.load(src + tok[:, None] * lds + n[None, :], mask=valid[:, None] & nm[None, :],
@@ -141,15 +134,14 @@ def _scatter_sum(acc, coef, src, lds, order, crows, off, cnt, hk, m, j, n, d, BM
 
 
 @triton.jit
-def peer_grouped_scatter(coef, src, lds, grad, order, crows, expert_off, counts, hk, m, d,
-                         n_exp, BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
+def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m, d, n_exp,
+                         BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
                          MC: tl.constexpr, IEEE: tl.constexpr, LOCAL: tl.constexpr,
-                         PREFETCH: tl.constexpr, SORTED: tl.constexpr = False,
-                         CROWS: tl.constexpr = False):
+                         PREFETCH: tl.constexpr, SORTED: tl.constexpr = False):
     e, j, n = _scatter_tile(tl.program_id(0), n_exp, d, BN, MB, MC, LOCAL)
     acc = tl.zeros((MC, BN), dtype=tl.float32)
-    acc = _scatter_sum(acc, coef, src, lds, order, crows, tl.load(expert_off + e),
-                       tl.load(counts + e), hk, m, j, n, d, BM, IEEE, PREFETCH, SORTED, CROWS)
+    acc = _scatter_sum(acc, coef, src, lds, order, tl.load(expert_off + e),
+                       tl.load(counts + e), hk, m, j, n, d, BM, IEEE, PREFETCH, SORTED)
     tl.store(grad + (e * m + j)[:, None] * d + n[None, :], acc.to(grad.dtype.element_ty),
              mask=(j < m)[:, None] & (n < d)[None, :])
 

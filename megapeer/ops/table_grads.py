@@ -99,12 +99,12 @@ def _table(tab: torch.Tensor, st) -> torch.Tensor:
 
 def keep(tab, coef, src, lay, hk: int, m: int, every: int):
     """One micro-batch's scatter inputs for tab (detached): coef [P, m] in the expert order
-    of lay (order, expert_off, counts), src [T, d]. Copied into the pass's buffers, and
+    of lay (order, expert_off, counts, inv), src [T, d]. Copied into the pass's buffers, and
     every `every` micro-batches and at the table's last backward of the step scattered all
     at once (peer_grouped.scatter_merged) and added to the table's gradient."""
     st = _step
     p = _table(tab, st)
-    order, expert_off, counts = lay
+    order, expert_off, counts, inv = lay
     if st is None:        # a backward outside a step: nothing to wait for
         return _deliver(p, _scatter_one(p, coef, src, order, expert_off, counts, hk, m))
     key = id(p)
@@ -115,15 +115,15 @@ def keep(tab, coef, src, lay, hk: int, m: int, every: int):
         if n_src == 1:
             return _deliver(p, _scatter_one(p, coef, src, order, expert_off, counts, hk, m))
         pas = st["kept"][key] = _Pass(n_src, coef, src)
-    pas.add(coef, src, order, expert_off, counts)
+    pas.add(coef, src, order, expert_off, counts, inv)
     if len(pas) == pas.n_src:
         del st["kept"][key]
         _deliver(p, pas.scatter(p, hk, m))
 
 
 class _Pass:
-    """The micro-batches of one table-gradient pass: their coefficients (in their expert
-    order) and their token rows, each in its slot of one buffer (copies: inside a compiled backward the
+    """The micro-batches of one table-gradient pass: their coefficients in token order and
+    their token rows, each in its slot of one buffer (copies: inside a compiled backward the
     op's inputs may be reused once it returns), and their layouts."""
 
     def __init__(self, n_src, coef, src):
@@ -135,13 +135,13 @@ class _Pass:
     def __len__(self):
         return len(self.layouts)
 
-    def add(self, coef, src, order, expert_off, counts):
+    def add(self, coef, src, order, expert_off, counts, inv):
         i = len(self.layouts)
         if coef.shape[0] != self.P or src.shape[0] != self.T:
             raise RuntimeError(
                 f"deferred PEER table gradients (model.peer.defer_table_grads): micro-batch of "
                 f"{src.shape[0]} tokens after ones of {self.T}; deferral needs equal micro-batches")
-        self.coef[i * self.P:(i + 1) * self.P].copy_(coef)
+        torch.index_select(coef, 0, inv.long(), out=self.coef[i * self.P:(i + 1) * self.P])
         self.src[i * self.T:(i + 1) * self.T].copy_(src)
         self.layouts.append((order.clone(), expert_off.clone(), counts.clone()))
 

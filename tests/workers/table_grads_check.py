@@ -33,7 +33,7 @@ def merged_case(dev, dt):
         one = torch.ops.megapeer.grouped_scatter(coef, idx, src, N_EXP * M, M, *lay,
                                                  coef_sorted=True)
         want += one.double().cpu()
-        coefs.append(coef)
+        coefs.append(coef[lay[5].long()])   # token order
         srcs.append(src)
         lays.append((lay[0], lay[3], lay[4]))
     got = peer_grouped.scatter_merged(torch.cat(coefs), torch.cat(srcs), lays, H * K,
