@@ -8,7 +8,8 @@ triton.testing.do_bench (ms):
   merged   what a deferred pass runs at its end: peer_grouped.scatter_merged over the n
            micro-batches (coefficients in token order, one buffer; their layouts merged),
            plus one add; also with the n copies into the pass's buffers that the backward
-           makes (ops/table_grads.py), and with other scatter tiles (--tiles)
+           makes (ops/table_grads.py), and with other scatter tiles (--tiles); the copies
+           alone, with peer_grouped.gather_rows and with torch's index_select
 Each merged form is checked against the sum of the single results in fp32 (max error over
 max magnitude; bf16 roundings differ).
 
@@ -76,6 +77,9 @@ def main():
     def with_copies():
         return merged(copies())
 
+    def index_select_rows(rows, inv, out):   # the copies' gather as torch's index_select
+        return torch.index_select(rows, 0, inv.long(), out=out)
+
     def ref():
         acc = torch.zeros(E * m, d, device="cuda")
         for (idx, lay), c, s in zip(lays, coefs, srcs):
@@ -87,7 +91,9 @@ def main():
     out = header("rows")
     out.update(shape=args.shape, n=args.n)
     forms = [("single x n + n adds", single, {}), ("merged + 1 add", merged, {}),
-             ("merged + 1 add, the n copies incl.", with_copies, {})]
+             ("merged + 1 add, the n copies incl.", with_copies, {}),
+             ("the n copies alone", copies, {}),
+             ("the n copies alone, index_select", copies, {"gather_rows": index_select_rows})]
     forms += [(f"merged, {t}", merged, {"MERGED_TILES": {**pg.MERGED_TILES, **dict([_kv(t)])}})
               for t in args.tiles]
     base = None
@@ -95,7 +101,7 @@ def main():
         with mock.patch.multiple(pg, **change) if change else contextlib.nullcontext():
             ms = triton.testing.do_bench(fn, warmup=5, rep=50)
             err = None
-            if fn is not single:
+            if fn not in (single, copies):
                 err = float((fn().float() - want).abs().max() / want.abs().max())
         base = base or ms
         row = {"form": name, "ms": round(ms, 3), "x single": round(base / ms, 3), "err": err}

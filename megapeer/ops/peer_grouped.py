@@ -339,6 +339,19 @@ def merge_layouts(layouts, hk: int):
 GATHER_SUM = dict(BT=32, BN=256, num_warps=4)   # the sorted axpy's per-token sum
 
 
+def gather_rows(rows: Tensor, inv: Tensor, out: Tensor) -> Tensor:
+    """out[p] = rows[inv[p]] (out contiguous, rows' width): the gather-sum kernel with one
+    row per output. H200, the deferral's copies at the 1.3B layer shape: ~2x torch's
+    index_select (docs/benchmarks.md, call 66)."""
+    triton, *_, gather_sum = _k()
+    rows = rows.contiguous()
+    n, c = out.shape
+    gs = GATHER_SUM
+    gather_sum[(triton.cdiv(n, gs["BT"]), triton.cdiv(c, gs["BN"]))](
+        rows, inv, out, out.stride(0), n, 1, c, **gs)
+    return out
+
+
 @torch.library.custom_op("megapeer::grouped_axpy_sorted", mutates_args=())
 def _axpy_sorted_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor,
                     block_expert: Tensor, block_start: Tensor, expert_off: Tensor,

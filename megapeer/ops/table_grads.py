@@ -141,7 +141,8 @@ class _Pass:
             raise RuntimeError(
                 f"deferred PEER table gradients (model.peer.defer_table_grads): micro-batch of "
                 f"{src.shape[0]} tokens after ones of {self.T}; deferral needs equal micro-batches")
-        torch.index_select(coef, 0, inv.long(), out=self.coef[i * self.P:(i + 1) * self.P])
+        from . import peer_grouped
+        peer_grouped.gather_rows(coef, inv, self.coef[i * self.P:(i + 1) * self.P])   # token order
         self.src[i * self.T:(i + 1) * self.T].copy_(src)
         self.layouts.append((order.clone(), expert_off.clone(), counts.clone()))
 
