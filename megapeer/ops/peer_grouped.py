@@ -41,7 +41,8 @@ the CPU under TRITON_INTERPRET=1 (how the tests check it against the reference).
 One sort of the pairs (the layout op) serves a layer's forward dot and axpy and, saved by
 autograd, their four backward kernels. `scatter_merged` runs the scatter over several
 micro-batches as one (deferred table gradients, ops/table_grads.py). Tests:
-tests/test_peer_grouped.py (Triton interpreter on CPU; bf16 on a GPU). Timings: docs/benchmarks.md ("Grouped Triton kernels").
+tests/test_peer_grouped.py (Triton interpreter on CPU; bf16 on a GPU). Timings:
+docs/benchmarks.md ("Grouped Triton kernels").
 """
 from __future__ import annotations
 
@@ -301,8 +302,8 @@ def _scatter(coef, src, order, expert_off, counts, hk, n_rows, m, coef_sorted, *
 
 
 # the scatter over several micro-batches at once: its own column chunk (H200, 1.3B layer
-# shape, 4 micro-batches: 2.98 against 3.15 ms with the single scatter's MC = 128;
-# docs/benchmarks.md, call 63)
+# shape, 4 micro-batches: 2.98 / 3.19 ms against 3.15 / 3.37 with the single scatter's
+# MC = 128; docs/benchmarks.md, calls 63 and 67)
 MERGED_TILES = dict(MC=256)
 
 
@@ -311,11 +312,11 @@ def scatter_merged(coef: Tensor, src: Tensor, layouts, hk: int, n_rows: int, m: 
     ops/table_grads.py): coef [sum P_i, m] the micro-batches' coefficients in token order
     one after another, src [sum T_i, d] their token rows likewise; layouts: each one's
     (order, expert_off, counts). One loop per expert over all its pairs, one rounding."""
-    order, expert_off, counts = merge_layouts(layouts, hk)
+    order, expert_off, counts = merge_layouts(layouts)
     return _scatter(coef, src, order, expert_off, counts, hk, n_rows, m, False, **MERGED_TILES)
 
 
-def merge_layouts(layouts, hk: int):
+def merge_layouts(layouts):
     """Several micro-batches' expert orders (order, expert_off, counts; order as pair ids
     within each) as one over their pairs numbered one micro-batch after another: expert e's
     pairs of micro-batch 0, then of 1, ... Torch ops on the device, no sort, no host sync."""
@@ -341,8 +342,8 @@ GATHER_SUM = dict(BT=32, BN=256, num_warps=4)   # the sorted axpy's per-token su
 
 def gather_rows(rows: Tensor, inv: Tensor, out: Tensor) -> Tensor:
     """out[p] = rows[inv[p]] (out contiguous, rows' width): the gather-sum kernel with one
-    row per output. H200, the deferral's copies at the 1.3B layer shape: ~2x torch's
-    index_select (docs/benchmarks.md, call 66)."""
+    row per output. H200, the deferral's copies at the 1.3B layer shape: 0.39 against 0.77
+    ms with torch's index_select (docs/benchmarks.md, call 67)."""
     triton, *_, gather_sum = _k()
     rows = rows.contiguous()
     n, c = out.shape
@@ -406,7 +407,7 @@ def _(g, a, idx, tab, m, *lay_defer_coef):
 
 
 def _setup(ctx, inputs, output):
-    a, idx, tab, m, *lay = inputs      # (x or w), idx, table, m, layout (, defer)
+    a, idx, tab, m, *lay = inputs      # (x or w), idx, table, m, layout (6), defer (sorted ops)
     ctx.defer = lay.pop() if len(lay) == 7 else 1
     ctx.save_for_backward(a, idx, tab, *lay)
     ctx.m = m

@@ -2,16 +2,18 @@
 
 With gradient accumulation, every micro-batch's backward scatters a full gradient for each
 expert table (all rows: at equal active FLOPs every expert is chosen), and DDP then adds it
-into the fp32 main_grad. With `model.peer.defer_table_grads=N` a table's backward keeps the
-scatter's inputs instead (the coefficients [pairs, m] and token rows [T, d], with the pairs'
-expert order) and scatters the sum over N micro-batches in one pass
-(`peer_grouped.scatter_many`): one table gradient, one write and one add per N
+into the fp32 main_grad. With `model.peer.defer_table_grads=N` a table's backward copies
+the scatter's inputs instead (the coefficients [pairs, m] in token order and the token
+rows [T, d], each micro-batch into its slot of one buffer per pass) and runs the scatter
+over the N micro-batches as one (`peer_grouped.scatter_merged`: their layouts merged, one
+loop per expert over all its pairs): one table gradient, one write and one add per N
 micro-batches instead of N. The sum is in fp32 over every pair of the N micro-batches, one
 rounding: no less accurate than N bf16 gradients added in fp32.
 
-Cost: memory. Each kept micro-batch holds, per PEER layer, two [pairs, m] coefficient
-tensors and two [T, d] row tensors (the 1.3B benchmark model at micro-batch 2: ~320 MiB per
-layer), up to N - 1 micro-batches of them.
+Cost: memory. A pass's buffers hold, per PEER layer and micro-batch, two [pairs, m]
+coefficient tensors and two [T, d] row tensors (the 1.3B benchmark model at micro-batch 2:
+~320 MiB per layer), for N micro-batches; and the copies (H200: 0.39 ms per table and 4
+micro-batches at that shape, docs/benchmarks.md).
 
 Where: the grouped kernels' expert-ordered form (wide bf16 experts on a GPU, what `auto`
 picks at equal active FLOPs; models/peer.py), inside a training step with more than one
@@ -99,7 +101,8 @@ def _table(tab: torch.Tensor, st) -> torch.Tensor:
 
 def keep(tab, coef, src, lay, hk: int, m: int, every: int):
     """One micro-batch's scatter inputs for tab (detached): coef [P, m] in the expert order
-    of lay (order, expert_off, counts, inv), src [T, d]. Copied into the pass's buffers, and
+    of lay (order, expert_off, counts, inv), src [T, d]. Copied into the pass's buffers
+    (a pass of one micro-batch scatters at once), and
     every `every` micro-batches and at the table's last backward of the step scattered all
     at once (peer_grouped.scatter_merged) and added to the table's gradient."""
     st = _step
