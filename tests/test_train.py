@@ -216,6 +216,29 @@ def test_compiled_layers_train_like_eager(demo, reference, tmp_path):
         assert abs(l[s] - ref[s]) <= 1e-4 * abs(ref[s]), (s, l[s], ref[s])
 
 
+@pytest.mark.timeout(600)
+def test_compiled_layers_with_deferred_table_grads(demo, tmp_path):
+    """model.peer.defer_table_grads=2 in compiled layers (the grouped kernels' expert-ordered
+    form: experts 128 wide, Triton interpreter; 2 micro-batches a step): no graph break in
+    the layers, and the per-step losses of eager layers without deferral (fp32, 1e-4)."""
+    pytest.importorskip("triton", reason="the grouped PEER kernels need Triton")
+    wide = ["model.peer.num_experts=[4,4]", "model.peer.expert_hidden=128",
+            "model.peer.kernel=grouped", "training.train_iters=3", "training.eval_interval=0",
+            "checkpoint.save=false"]
+    env = {"TRITON_INTERPRET": "1"}
+    train(demo, str(tmp_path / "eager"), wide, env=env)
+    run = str(tmp_path / "deferred")
+    p = train(demo, run, wide + ["training.compile=true", "model.peer.defer_table_grads=2"],
+              env={**env, "TORCH_LOGS": "graph_breaks"})
+    assert "computed once per 2 micro-batches" in p.stderr, p.stderr[-3000:]
+    breaks = [ln for ln in p.stderr.splitlines() if "Graph break" in ln]
+    assert not breaks, "\n".join(breaks[:5])
+    l, ref = losses(run), losses(str(tmp_path / "eager"))
+    assert sorted(l) == [1, 2, 3]
+    for s in range(1, 4):
+        assert abs(l[s] - ref[s]) <= 1e-4 * abs(ref[s]), (s, l[s], ref[s])
+
+
 def _collectives(trace):
     """The c10d ops of a profiler trace, in the order the host issued them."""
     ev = [e for e in json.load(open(trace))["traceEvents"]
