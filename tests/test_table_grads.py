@@ -83,3 +83,21 @@ def test_defer_table_grads_must_be_positive(tmp_path):
     from megapeer.config import ConfigError, load_config
     with pytest.raises(ConfigError, match="model.peer.defer_table_grads"):
         load_config(None, ["model.peer.defer_table_grads=0"])
+
+
+def test_trainer_states_the_deferral_buffers(monkeypatch):
+    """The trainer's log of the deferral's memory: the 1.3B benchmark model's PEER layer at
+    micro-batch 2 holds 320 MiB per micro-batch (U and V: coefficients [262144, 256] and
+    token rows [8192, 2048] in bf16), times the layers and micro-batches of a pass."""
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    from megapeer.training import loop
+    layer = NS(ep_size=1, m=256, d_local=2048, peer=NS(heads=4, topk=8),
+               U=torch.empty(0, dtype=torch.bfloat16))
+    monkeypatch.setattr(loop, "peer_modules", lambda chunks: [layer] * 12)
+    cfg = NS(training=NS(micro_batch_size=2), model=NS(seq_length=4096))
+    assert loop._defer_buffer_gib(None, cfg, 4) == 12 * 4 * 320 / 1024
+    layer.ep_size = 2   # experts see the expert-parallel group's tokens
+    assert loop._defer_buffer_gib(None, cfg, 1) == 12 * 2 * 320 / 1024

@@ -231,6 +231,7 @@ def test_compiled_layers_with_deferred_table_grads(demo, tmp_path):
     p = train(demo, run, wide + ["training.compile=true", "model.peer.defer_table_grads=2"],
               env={**env, "TORCH_LOGS": "graph_breaks"})
     assert "computed once per 2 micro-batches" in p.stderr, p.stderr[-3000:]
+    assert "GiB on this rank)" in p.stderr
     breaks = [ln for ln in p.stderr.splitlines() if "Graph break" in ln]
     assert not breaks, "\n".join(breaks[:5])
     l, ref = losses(run), losses(str(tmp_path / "eager"))

@@ -368,10 +368,23 @@ def _log_model_summary(cfg, chunks, n_micro):
             acc = "plain (the grouped and gmm paths do not fuse the accumulation)"
         if m.peer.defer_table_grads > 1:
             off = _defer_unused(chunks, what, n_micro)
+            n = min(m.peer.defer_table_grads, n_micro)
             acc += (f"; model.peer.defer_table_grads={m.peer.defer_table_grads} has no effect "
                     f"here: {off}" if off else f"; computed once per {m.peer.defer_table_grads} "
-                    "micro-batches (model.peer.defer_table_grads)")
+                    f"micro-batches (model.peer.defer_table_grads; their inputs held meanwhile: "
+                    f"~{_defer_buffer_gib(chunks, cfg, n):.1f} GiB on this rank)")
         log.info("PEER table gradients: %s", acc)
+
+
+def _defer_buffer_gib(chunks, cfg, n):
+    """The deferral's pass buffers on this rank (ops/table_grads.py): per PEER layer and
+    micro-batch, for U and V, the coefficients [pairs, m] and token rows [tokens, d]."""
+    total = 0
+    for layer in peer_modules(chunks):
+        tokens = cfg.training.micro_batch_size * cfg.model.seq_length * layer.ep_size
+        pairs = tokens * layer.peer.heads * layer.peer.topk
+        total += 2 * (pairs * layer.m + tokens * layer.d_local) * layer.U.element_size()
+    return n * total / 2 ** 30
 
 
 def _defer_unused(chunks, kernel_what, n_micro):
