@@ -79,10 +79,14 @@ def test_deferred_table_grads_in_parallel_layouts(tmp_path):
     assert got["dp2overlap"]["tables_ready"] is True   # their buckets reduced during backward
 
 
-def test_defer_table_grads_must_be_positive(tmp_path):
+def test_defer_table_grads_config_errors(tmp_path):
     from megapeer.config import ConfigError, load_config
     with pytest.raises(ConfigError, match="model.peer.defer_table_grads"):
         load_config(None, ["model.peer.defer_table_grads=0"])
+    with pytest.raises(ConfigError, match="reduce-overhead"):   # CUDA graphs: no host step
+        load_config(None, ["model.peer.defer_table_grads=2", "training.compile=true",
+                           "training.compile_mode=reduce-overhead"])
+    load_config(None, ["model.peer.defer_table_grads=2", "training.compile=true"])
 
 
 def test_trainer_states_the_deferral_buffers(monkeypatch):

@@ -106,6 +106,11 @@ def validate_config(cfg: Config, world_size: int, source: str = "<config>") -> N
         if pe.defer_table_grads < 1:
             _fail(source, "model.peer.defer_table_grads", f"= {pe.defer_table_grads}: must be "
                   ">= 1 (micro-batches per table gradient; 1 = every micro-batch)")
+        if pe.defer_table_grads > 1 and t.compile and t.compile_mode == "reduce-overhead":
+            # a CUDA-graph replay would skip the host-side bookkeeping (ops/table_grads.py)
+            _fail(source, "model.peer.defer_table_grads", f"= {pe.defer_table_grads} does not "
+                  "work with training.compile_mode=reduce-overhead (CUDA graphs replay the "
+                  "backward without the deferral's host-side step); use 1 or another mode")
         d_local = m.hidden_size // p.tensor
         if pe.kernel == "gmm" and (pe.expert_hidden % 8 or d_local % 8):
             _fail(source, "model.peer.expert_hidden", f"= {pe.expert_hidden} and the table width "
