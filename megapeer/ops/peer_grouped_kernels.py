@@ -90,6 +90,7 @@ def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, exp
         tl.atomic_add(out + tok[:, None] * d + n[None, :], acc, mask=valid[:, None] & nm[None, :],
                       sem="relaxed")  # a plain reduction: no ordering needed
 
+
 @triton.jit
 def _scatter_tile(pid, n_exp, d, BN: tl.constexpr, MB: tl.constexpr, MC: tl.constexpr,
                   LOCAL: tl.constexpr):

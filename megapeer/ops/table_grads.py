@@ -38,7 +38,8 @@ import weakref
 import torch
 
 _active = False   # inside a step with > 1 micro-batch (read by traced code: a bool guard)
-_step = None      # the open step: {"n": micro-batches, "seen": {id: backward passes}, "kept": {}}
+_step = None      # the open step: {"n": micro-batches, "seen": {id: backward passes},
+#                   "kept": {id: its open _Pass}, "by_ptr": {address: table}, built once}
 _tables = weakref.WeakValueDictionary()   # id -> table that may defer (track)
 
 

@@ -97,9 +97,9 @@ def _deferred_ready(ddp, overlap_grad_reduce):
     so DDP's hook never runs for them: under an overlapped reduction each such table tells
     its bucket itself (as the hook would, once per gradient)."""
     for p in ddp.module.parameters():
-        p._defer_ready = None
-        if overlap_grad_reduce and p in ddp.param_to_bucket_group and table_grads.tracked(p):
-            p._defer_ready = functools.partial(_register_ready, ddp, p)
+        if table_grads.tracked(p):
+            p._defer_ready = (functools.partial(_register_ready, ddp, p) if overlap_grad_reduce
+                              and p in ddp.param_to_bucket_group else None)
 
 
 def _register_ready(ddp, p):

@@ -69,15 +69,12 @@ def run_step(cfg, chunks):
             m.zero_grad_buffer()
         iters = [iter(mine) for _ in ddp]
         loss = forward_backward(ddp, iters, len(mine), SEQ, MBS)
+    ready = None
     if overlap:   # deferred PEER table gradients told DDP they were ready (ops/table_grads.py)
         from megapeer.ops import table_grads
-        TABLES_READY[0] = all(p in bg.golden_per_param_grad_ready_counts for m in ddp
-                              for p, bg in m.param_to_bucket_group.items()
-                              if table_grads.tracked(p))
-    return float(loss), gather_full(chunks, "grad")
-
-
-TABLES_READY = [None]
+        ready = all(p in bg.golden_per_param_grad_ready_counts for m in ddp
+                    for p, bg in m.param_to_bucket_group.items() if table_grads.tracked(p))
+    return float(loss), gather_full(chunks, "grad"), ready
 
 
 def logits(chunks):
@@ -109,7 +106,7 @@ def main(stage, out, layouts):
         torch.manual_seed(0)
         cfg, chunks = build([], 1)
         load_model(chunks, f"{out}/ckpt_ref")
-        loss, grads = run_step(cfg, chunks)
+        loss, grads, _ = run_step(cfg, chunks)
         res["loss"] = loss
         torch.save(grads, f"{out}/ref_grads.pt")
     elif stage == "layouts":
@@ -117,12 +114,12 @@ def main(stage, out, layouts):
         for name in layouts:
             cfg, chunks = build(LAYOUTS[name], world)
             load_model(chunks, f"{out}/ckpt_ref")
-            loss, grads = run_step(cfg, chunks)
+            loss, grads, ready = run_step(cfg, chunks)
             errs = {k: ((grads[k] - ref[k]).abs().max() / ref[k].abs().max().clamp(min=1e-12))
                     .item() for k in ref if k in grads}
             worst = max(errs, key=errs.get)
             res[name] = {"loss": loss, "grad_rel_err": errs[worst], "worst_key": worst,
-                         "missing": sorted(set(ref) - set(grads)), "tables_ready": TABLES_READY[0]}
+                         "missing": sorted(set(ref) - set(grads)), "tables_ready": ready}
             save_model(chunks, f"{out}/ckpt_{name}")
     elif stage == "reload":
         for name in layouts:
