@@ -9,7 +9,9 @@ triton.testing.do_bench (ms):
            micro-batches (coefficients in token order, one buffer; their layouts merged),
            plus one add; also with the n copies into the pass's buffers that the backward
            makes (ops/table_grads.py), and with other scatter tiles (--tiles); the copies
-           alone, with peer_grouped.gather_rows and with torch's index_select
+           alone, with peer_grouped.gather_rows and with torch's index_select; the merged
+           pass writing its fp32 sums into an fp32 main_grad itself (stored, or added:
+           what a pass runs under Megatron's DDP since 2026-11-29, no add)
 Each merged form is checked against the sum of the single results in fp32 (max error over
 max magnitude; bf16 roundings differ).
 
@@ -35,7 +37,7 @@ def main():
     ap.add_argument("--n", type=int, default=4, help="micro-batches")
     ap.add_argument("--json")
     ap.add_argument("--tiles", nargs="*", default=["MC=128", "BN=64", "num_stages=4"],
-                    help="scatter tile changes to time `merged` with, KEY=VALUE each")
+                    help="scatter tile changes to time `merged` with, KEY=VALUE[,KEY=VALUE] each")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (the kernels are timed there)")
@@ -77,6 +79,13 @@ def main():
     def with_copies():
         return merged(copies())
 
+    def merged_store():   # what a deferred pass runs at its end under Megatron's DDP
+        return pg.scatter_merged(buf.coef, buf.src, layouts, h * k, E * m, m, out=main_grad)
+
+    def merged_acc():     # the same after an earlier pass of the step
+        return pg.scatter_merged(buf.coef, buf.src, layouts, h * k, E * m, m, out=main_grad,
+                                 accumulate=True)
+
     def index_select_rows(rows, inv, out):   # the copies' gather as torch's index_select
         return torch.index_select(rows, 0, inv.long(), out=out)
 
@@ -92,9 +101,11 @@ def main():
     out.update(shape=args.shape, n=args.n)
     forms = [("single x n + n adds", single, {}), ("merged + 1 add", merged, {}),
              ("merged + 1 add, the n copies incl.", with_copies, {}),
+             ("merged, stored into the fp32 main_grad", merged_store, {}),
+             ("merged, added to the fp32 main_grad", merged_acc, {}),
              ("the n copies alone", copies, {}),
              ("the n copies alone, index_select", copies, {"gather_rows": index_select_rows})]
-    forms += [(f"merged, {t}", merged, {"MERGED_TILES": {**pg.MERGED_TILES, **dict([_kv(t)])}})
+    forms += [(f"merged, {t}", merged, {"MERGED_TILES": {**pg.MERGED_TILES, **_kv(t)}})
               for t in args.tiles]
     base = None
     for name, fn, change in forms:
@@ -103,6 +114,7 @@ def main():
                 ms = triton.testing.do_bench(fn, warmup=5, rep=50)
                 err = None
                 if fn not in (single, copies):
+                    main_grad.zero_()
                     err = float((fn().float() - want).abs().max() / want.abs().max())
         except triton.runtime.errors.OutOfResources as e:   # a tile variant too large
             print(json.dumps({"form": name, "error": str(e)}), flush=True)
@@ -117,8 +129,8 @@ def main():
 
 
 def _kv(t):
-    k, v = t.split("=")
-    return k, int(v)
+    """"BM=32,num_stages=4" -> {"BM": 32, "num_stages": 4}"""
+    return {k: int(v) for k, v in (kv.split("=") for kv in t.split(","))}
 
 
 if __name__ == "__main__":

@@ -283,22 +283,31 @@ def _(coef, idx, src, n_rows, m, *lay, coef_sorted=False):
     return src.new_empty((n_rows, src.shape[1]))
 
 
-def _scatter(coef, src, order, expert_off, counts, hk, n_rows, m, coef_sorted, **tiles):
+def _scatter(coef, src, order, expert_off, counts, hk, n_rows, m, coef_sorted, out=None,
+             accumulate=False, **tiles):
     """The scatter kernel: grad [n_rows, d], expert e's rows the sum over its pairs
     order[expert_off[e]:][:counts[e]] of coef[pair]^T . src[pair // hk] (coef_sorted: the
-    coefficient row is the pair's place in order)."""
+    coefficient row is the pair's place in order). out: write it there instead (a
+    contiguous [n_rows, d] tensor of any float dtype, e.g. an fp32 main_grad: each fp32 sum
+    stored without a bf16 rounding); accumulate: add to out's values."""
     triton, _, _, scatter_kernel, _ = _k()
     src = _rows(src)
     coef = coef.contiguous()
     n_exp = n_rows // m
     d = src.shape[1]
-    grad = torch.empty(n_rows, d, dtype=src.dtype, device=src.device)
+    if out is None:
+        if accumulate:
+            raise ValueError("_scatter: accumulate needs out")
+        out = torch.empty(n_rows, d, dtype=src.dtype, device=src.device)
+    elif tuple(out.shape) != (n_rows, d) or not out.is_contiguous():
+        raise ValueError(f"_scatter: out must be a contiguous [{n_rows}, {d}] tensor, got "
+                         f"{tuple(out.shape)} (contiguous: {out.is_contiguous()})")
     t = {**_tiles("scatter", m), **tiles}
     t["MC"] = min(t["MC"], _mb(m))
     scatter_kernel[(n_exp * triton.cdiv(d, t["BN"]) * (_mb(m) // t["MC"]),)](
-        coef, src, src.stride(0), grad, order, expert_off, counts, hk, m, d, n_exp,
-        MB=_mb(m), IEEE=src.dtype == torch.float32, SORTED=coef_sorted, **t)
-    return grad
+        coef, src, src.stride(0), out, order, expert_off, counts, hk, m, d, n_exp,
+        MB=_mb(m), IEEE=src.dtype == torch.float32, SORTED=coef_sorted, ACC=accumulate, **t)
+    return out
 
 
 # the scatter over several micro-batches at once: its own column chunk (H200, 1.3B layer
@@ -307,13 +316,16 @@ def _scatter(coef, src, order, expert_off, counts, hk, n_rows, m, coef_sorted, *
 MERGED_TILES = dict(MC=256)
 
 
-def scatter_merged(coef: Tensor, src: Tensor, layouts, hk: int, n_rows: int, m: int) -> Tensor:
+def scatter_merged(coef: Tensor, src: Tensor, layouts, hk: int, n_rows: int, m: int,
+                   out=None, accumulate=False) -> Tensor:
     """The grouped scatter over several micro-batches as one (deferred table gradients,
     ops/table_grads.py): coef [sum P_i, m] the micro-batches' coefficients in token order
     one after another, src [sum T_i, d] their token rows likewise; layouts: each one's
-    (order, expert_off, counts). One loop per expert over all its pairs, one rounding."""
+    (order, expert_off, counts). One loop per expert over all its pairs, one rounding.
+    out / accumulate: as _scatter's."""
     order, expert_off, counts = merge_layouts(layouts)
-    return _scatter(coef, src, order, expert_off, counts, hk, n_rows, m, False, **MERGED_TILES)
+    return _scatter(coef, src, order, expert_off, counts, hk, n_rows, m, False, out=out,
+                    accumulate=accumulate, **MERGED_TILES)
 
 
 def merge_layouts(layouts):

@@ -138,13 +138,18 @@ def _scatter_sum(acc, coef, src, lds, order, off, cnt, hk, m, j, n, d, BM: tl.co
 def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m, d, n_exp,
                          BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
                          MC: tl.constexpr, IEEE: tl.constexpr, LOCAL: tl.constexpr,
-                         PREFETCH: tl.constexpr, SORTED: tl.constexpr = False):
+                         PREFETCH: tl.constexpr, SORTED: tl.constexpr = False,
+                         ACC: tl.constexpr = False):
+    """grad[e*m + j, n] = (ACC: grad + ) sum over e's pairs; grad may be fp32 (a main_grad)."""
     e, j, n = _scatter_tile(tl.program_id(0), n_exp, d, BN, MB, MC, LOCAL)
     acc = tl.zeros((MC, BN), dtype=tl.float32)
     acc = _scatter_sum(acc, coef, src, lds, order, tl.load(expert_off + e),
                        tl.load(counts + e), hk, m, j, n, d, BM, IEEE, PREFETCH, SORTED)
-    tl.store(grad + (e * m + j)[:, None] * d + n[None, :], acc.to(grad.dtype.element_ty),
-             mask=(j < m)[:, None] & (n < d)[None, :])
+    ptr = grad + (e * m + j)[:, None] * d + n[None, :]
+    mask = (j < m)[:, None] & (n < d)[None, :]
+    if ACC:
+        acc += tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptr, acc.to(grad.dtype.element_ty), mask=mask)
 
 
 @triton.jit

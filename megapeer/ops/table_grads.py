@@ -33,6 +33,7 @@ tables given to `track` (models/peer.py tracks U and V).
 Tests: tests/test_table_grads.py.
 """
 import contextlib
+import functools
 import weakref
 
 import torch
@@ -47,6 +48,19 @@ def track(*tables: torch.Tensor):
     """Tables (leaf tensors, parameters) whose gradients the expert ops may defer."""
     for t in tables:
         _tables[id(t)] = t
+        if t.requires_grad:   # an ordinary gradient reaches main_grad too (DDP's hook)
+            t.register_post_accumulate_grad_hook(_written)
+
+
+def zeroed(tables):
+    """These tables' main_grads were just zeroed (DDP's zero_grad_buffer; training/step.py
+    wraps it): their next deferred gradient is stored there, not added."""
+    for t in tables:
+        t._main_grad_zero = True
+
+
+def _written(t):
+    t._main_grad_zero = False
 
 
 def tracked(t: torch.Tensor) -> bool:
@@ -109,20 +123,21 @@ def keep(tab, coef, src, lay, hk: int, m: int, every: int):
     st = _step
     p = _table(tab, st)
     order, expert_off, counts, inv = lay
+    one = functools.partial(_scatter_one, p, coef, src, order, expert_off, counts, hk, m)
     if st is None:        # a backward outside a step: nothing to wait for
-        return _deliver(p, _scatter_one(p, coef, src, order, expert_off, counts, hk, m))
+        return _deliver(p, one)
     key = id(p)
     seen = st["seen"][key] = st["seen"].get(key, 0) + 1
     pas = st["kept"].get(key)
     if pas is None:
         n_src = min(every, st["n"] - seen + 1)   # this pass's micro-batches
         if n_src == 1:
-            return _deliver(p, _scatter_one(p, coef, src, order, expert_off, counts, hk, m))
+            return _deliver(p, one)
         pas = st["kept"][key] = _Pass(n_src, coef, src)
     pas.add(coef, src, order, expert_off, counts, inv)
     if len(pas) == pas.n_src:
         del st["kept"][key]
-        _deliver(p, pas.scatter(p, hk, m))
+        _deliver(p, functools.partial(pas.scatter, p, hk, m))
 
 
 class _Pass:
@@ -150,27 +165,36 @@ class _Pass:
         self.src[i * self.T:(i + 1) * self.T].copy_(src)
         self.layouts.append((order.clone(), expert_off.clone(), counts.clone()))
 
-    def scatter(self, p, hk, m):
+    def scatter(self, p, hk, m, out=None, accumulate=False):
         from . import peer_grouped
         return peer_grouped.scatter_merged(self.coef, self.src, self.layouts, hk, p.shape[0],
-                                           m).to(p.dtype)
+                                           m, out=out, accumulate=accumulate)
 
 
-def _scatter_one(p, coef, src, order, expert_off, counts, hk, m):
+def _scatter_one(p, coef, src, order, expert_off, counts, hk, m, out=None, accumulate=False):
     from . import peer_grouped
     return peer_grouped._scatter(coef, src, order, expert_off, counts, hk, p.shape[0], m,
-                                 True).to(p.dtype)
+                                 True, out=out, accumulate=accumulate)
 
 
-def _deliver(p, grad):
-    """grad into p's gradient: main_grad (fp32) under Megatron's DDP, then its bucket told
-    (overlapped reduction: `p._defer_ready`, set by training/step.py: wrap_ddp); else .grad."""
+def _deliver(p, scatter):
+    """p's gradient from scatter(out=None, accumulate=False) (-> tensor). Under Megatron's
+    DDP into main_grad (fp32): the scatter writes its fp32 sums there itself, stored when
+    the buffer was just zeroed (`zeroed`), else added (one pass, no bf16 gradient, no
+    separate add); then its bucket is told (overlapped reduction: `p._defer_ready`, set by
+    training/step.py: wrap_ddp). Else into .grad."""
     main = getattr(p, "main_grad", None)
     if main is None:
+        grad = scatter().to(p.dtype)
         p.grad = grad if p.grad is None else p.grad + grad
         return
-    from . import grad_add
-    grad_add.add_(main, grad)   # the Triton add where it serves, else torch's (same bits)
+    if main.dtype == torch.float32 and main.is_contiguous() and main.shape == p.shape:
+        scatter(out=main.view(p.shape[0], -1),
+                accumulate=not getattr(p, "_main_grad_zero", False))
+    else:
+        from . import grad_add
+        grad_add.add_(main, scatter())
+    p._main_grad_zero = False
     ready = getattr(p, "_defer_ready", None)
     if ready is not None:
         ready()

@@ -80,7 +80,7 @@ def wrap_ddp(chunks, tcfg, use_distributed_optimizer=False, overlap_grad_reduce=
                for i, c in enumerate(chunks)]
     for m in wrapped:   # PEER tables' gradients straight into main_grad (ops/grad_accum.py)
         prepare_accumulators(m.module, enabled=not overlap_grad_reduce)
-        _deferred_ready(m, overlap_grad_reduce)
+        _deferred_tables(m, overlap_grad_reduce)
     tcfg.no_sync_func = [m.no_sync for m in wrapped]
     if len(wrapped) == 1:
         tcfg.no_sync_func = tcfg.no_sync_func[0]
@@ -92,14 +92,23 @@ def wrap_ddp(chunks, tcfg, use_distributed_optimizer=False, overlap_grad_reduce=
     return wrapped
 
 
-def _deferred_ready(ddp, overlap_grad_reduce):
+def _deferred_tables(ddp, overlap_grad_reduce):
     """Deferred PEER table gradients (ops/table_grads.py) reach main_grad outside autograd,
     so DDP's hook never runs for them: under an overlapped reduction each such table tells
-    its bucket itself (as the hook would, once per gradient)."""
-    for p in ddp.module.parameters():
-        if table_grads.tracked(p):
-            p._defer_ready = (functools.partial(_register_ready, ddp, p) if overlap_grad_reduce
-                              and p in ddp.param_to_bucket_group else None)
+    its bucket itself (as the hook would, once per gradient). DDP's zero_grad_buffer also
+    tells table_grads that their main_grads are zero (the first deferred gradient of a step
+    is then stored rather than added)."""
+    tables = [p for p in ddp.module.parameters() if table_grads.tracked(p)]
+    for p in tables:
+        p._defer_ready = (functools.partial(_register_ready, ddp, p) if overlap_grad_reduce
+                          and p in ddp.param_to_bucket_group else None)
+    if tables:
+        zero = ddp.zero_grad_buffer
+
+        def zero_grad_buffer(*args, **kwargs):
+            zero(*args, **kwargs)
+            table_grads.zeroed(tables)
+        ddp.zero_grad_buffer = zero_grad_buffer
 
 
 def _register_ready(ddp, p):

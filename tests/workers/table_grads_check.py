@@ -41,14 +41,25 @@ def merged_case(dev, dt):
     return rel(got.cpu(), want)
 
 
-def step_grads(dev, dt, defer, n_micro, compiled=False, backwards=None):
+def step_grads(dev, dt, defer, n_micro, compiled=False, backwards=None, main=None):
     """Gradients of x, gates (per micro-batch) and U, V (summed) over n_micro micro-batches
     of the expert step in one table_grads.step, and the micro-batches each table-gradient
-    pass took (scatter_merged, or one alone)."""
+    pass took (scatter_merged, or one alone). main: the tables get an fp32 main_grad (as
+    under Megatron's DDP) holding random values ("filled": their gradients are what the
+    step added) or NaN after table_grads.zeroed ("zeroed": the first pass must store)."""
     g = torch.Generator().manual_seed(2)
     U = (torch.randn(N_EXP * M, D, generator=g) * D ** -0.5).to(dev, dt).requires_grad_()
     V = (torch.randn(N_EXP * M, D, generator=g) * D ** -0.5).to(dev, dt).requires_grad_()
     table_grads.track(U, V)
+    start = {}
+    for t in (U, V) if main else ():
+        start[t] = torch.randn(t.shape, generator=torch.Generator().manual_seed(3)).to(dev)
+        if main == "zeroed":
+            t.main_grad = torch.full(t.shape, float("nan"), device=dev)
+            start[t] = torch.zeros_like(t.main_grad)
+            table_grads.zeroed([t])
+        else:
+            t.main_grad = start[t].clone()
     fn = peer_grouped.peer_experts
     if compiled:   # one graph: the deferral splits nothing
         torch._dynamo.reset()
@@ -57,13 +68,13 @@ def step_grads(dev, dt, defer, n_micro, compiled=False, backwards=None):
     merged, one = peer_grouped.scatter_merged, table_grads._scatter_one
     none_before_flush = True
 
-    def counted(coef, src, layouts, *a):
+    def counted(coef, src, layouts, *a, **kw):
         calls.append(len(layouts))
-        return merged(coef, src, layouts, *a)
+        return merged(coef, src, layouts, *a, **kw)
 
-    def counted_one(*a):
+    def counted_one(*a, **kw):
         calls.append(1)
-        return one(*a)
+        return one(*a, **kw)
     with mock.patch.object(peer_grouped, "scatter_merged", counted), \
             mock.patch.object(table_grads, "_scatter_one", counted_one), \
             table_grads.step(n_micro):
@@ -76,6 +87,9 @@ def step_grads(dev, dt, defer, n_micro, compiled=False, backwards=None):
             if i == 0 and defer > 1 and n_micro > 1:
                 none_before_flush = U.grad is None and V.grad is None
             per_mb.append((x.grad, gates.grad))
+    if main:
+        assert U.grad is None and V.grad is None, "a main_grad takes the deferred gradient"
+        return U.main_grad - start[U], V.main_grad - start[V], per_mb, calls, none_before_flush
     return U.grad, V.grad, per_mb, calls, none_before_flush
 
 
@@ -103,6 +117,22 @@ def main():
         else:   # bf16: (deferred, per micro-batch) error against fp32
             r.update(U_bf16=(rel(U_g, f32[0]), rel(base[0], f32[0])),
                      V_bf16=(rel(V_g, f32[1]), rel(base[1], f32[1])))
+    # into an fp32 main_grad (Megatron's DDP): added to its values, or stored when zeroed
+    # (the NaN it holds then must not reach the result); fp32 sums, no bf16 rounding
+    for main in ("filled", "zeroed"):
+        U_g, V_g, _, calls, _ = step_grads(dev, dt, 2, 4, main=main)
+        r = res[f"main_grad_{main}"] = {"calls_ok": sorted(calls) == [2, 2, 2, 2]}
+        if f32 is None:
+            r.update(U=rel(U_g, base[0]), V=rel(V_g, base[1]))
+        else:
+            r.update(U_bf16=(rel(U_g, f32[0]), rel(base[0], f32[0])),
+                     V_bf16=(rel(V_g, f32[1]), rel(base[1], f32[1])))
+    # an ordinary gradient (DDP adds it to main_grad) ends the zeroed state
+    t = torch.zeros(3, requires_grad=True)
+    table_grads.track(t)
+    table_grads.zeroed([t])
+    (t * 2).sum().backward()
+    res["written_after_grad"] = {"calls_ok": t._main_grad_zero is False}
     # one micro-batch: nothing deferred
     res["single_micro_batch_calls"] = len(step_grads(dev, dt, 4, 1)[3])
     # compiled (one graph, forward and backward): the same gradients as eager
