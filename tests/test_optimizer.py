@@ -2,7 +2,8 @@
 
 On the CPU the flag leaves Megatron's optimizer as it was; on a GPU it fuses every group.
 With the device test forced open (the fused kernel also runs on the CPU), a tiny
-MLA+PEER trains to the same losses as with the multi-tensor Adam (fp32, 1e-6 relative),
+MLA+PEER trains to the same losses as with the multi-tensor Adam (fp32, 1e-6 relative; every
+step clipped, the fused form through its kernel's gradient scale),
 every group reports fused, and the flag survives a reload of the optimizer state (which
 restores the groups' flags).
 """
@@ -44,20 +45,29 @@ def test_cpu_parameters_stay_unfused_gpu_ones_fused(world1):
 
 
 def test_fused_adam_trains_like_multi_tensor(world1, monkeypatch):
+    """Also with every step's gradients clipped (clip_grad 0.05): the fused form clips
+    through the kernel's gradient scale, the multi-tensor one by Megatron's multiply."""
     from megapeer.training import optimizer as O
-    plain = _losses(world1, ["training.fused_adam=false"])
-    seen = []
-    real = O.use_fused_adam
+    clip = ["training.clip_grad=0.05"]
+    plain = _losses(world1, ["training.fused_adam=false"] + clip)
+    seen, folded = [], []
+    real, real_all = O.use_fused_adam, O._all_fused
 
     def spy(opt):
         seen.append(real(opt))
         return seen[-1]
 
+    def spy_all(opt):
+        folded.append(bool(real_all(opt)))
+        return real_all(opt)
+
     monkeypatch.setattr(O, "_fusable", lambda p: True)
     monkeypatch.setattr(O, "use_fused_adam", spy)
+    monkeypatch.setattr(O, "_all_fused", spy_all)
     import bench.compile_check  # noqa: F401  (imports optimizer_step by name at call time)
-    fused = _losses(world1, ["training.fused_adam=true"])
+    fused = _losses(world1, ["training.fused_adam=true"] + clip)
     assert seen and all(seen), seen
+    assert len(folded) == 4 and all(folded), folded   # every step clipped, in the kernel
     for a, b in zip(fused, plain):
         assert abs(a - b) <= 1e-6 * abs(b), (fused, plain)
     # a different update would show: the plain losses move after step 1
@@ -154,3 +164,38 @@ def test_foreach_scale_matches_megatrons_local_helper(world1, monkeypatch):
     assert len(fast) == len(slow) == 4
     for a, b in zip(fast, slow):
         assert abs(a - b) <= 1e-6 * abs(b), (fast, slow)
+
+
+def test_clip_in_the_fused_kernel_equals_megatrons_clip(world1, monkeypatch):
+    """One clipped step (fresh random gradients, norm far above clip_grad) on the tiny
+    MLA+PEER: clipping through the fused kernel's gradient scale gives Megatron's clipped
+    gradients (written back by the kernel) and the same parameters (fp32, 1e-6 relative)."""
+    import torch
+    from bench.train_throughput import TINY, TINY_PEER
+    from megapeer.config import load_config
+    from megapeer.models import build_model_chunks
+    from megapeer.models.gpt import param_dtype, transformer_config
+    from megapeer.parallel import init_model_parallel
+    from megapeer.training import optimizer as O
+    from megapeer.training.step import wrap_ddp
+    monkeypatch.setattr(O, "_fusable", lambda p: True)
+    cfg = load_config(overrides=TINY + TINY_PEER, world_size=1)
+    seed = int(torch.randint(0, 10**6, ()))
+    runs = {}
+    for fold in (True, False):
+        if not fold:
+            monkeypatch.setattr(O, "_all_fused", lambda opt: [])
+        init_model_parallel(cfg.parallel, 1234)
+        tcfg = transformer_config(cfg.model, cfg.parallel, cfg.training)
+        ddp = wrap_ddp(build_model_chunks(cfg, tcfg), tcfg)
+        opt = O.build_optimizer(ddp, cfg.training, param_dtype(cfg.training))
+        g = torch.Generator().manual_seed(seed)
+        for p in ddp[0].parameters():
+            p.main_grad.copy_(torch.randn(p.shape, generator=g))
+        stepped, norm = O.optimizer_step(opt, 0.05)
+        assert stepped and norm > 1.0
+        params = [p for o in O._torch_adams(opt) for grp in o.param_groups for p in grp["params"]]
+        runs[fold] = ([p.detach().clone() for p in params],
+                      [p.grad.detach().clone() for p in params])
+    for a, b in zip(*(sum(runs[f], []) for f in (True, False))):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max().clamp(min=1e-30)

@@ -158,12 +158,38 @@ def optimizer_step(optimizer, clip_grad: float):
     norm = float(norm) if norm is not None else 0.0
     if not math.isfinite(norm):
         return False, norm
-    if clip_grad > 0:
-        for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-            params = sub.get_parameters()
-            if params:
-                clip_grad_by_total_norm_fp32(params, max_norm=clip_grad, total_norm=norm)
-    return bool(optimizer.step_with_ready_grads()), norm
+    adams = []
+    if clip_grad > 0 and clip_grad / (norm + 1.0e-6) < 1.0:   # Megatron's clip coefficient
+        adams = _all_fused(optimizer)
+        if adams:   # the fused kernel divides the gradients as it reads them
+            scale = torch.full((), (norm + 1.0e-6) / clip_grad, dtype=torch.float32,
+                               device=adams[0].param_groups[0]["params"][0].device)
+            for inner in adams:
+                inner.grad_scale = scale
+        else:
+            for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+                params = sub.get_parameters()
+                if params:
+                    clip_grad_by_total_norm_fp32(params, max_norm=clip_grad, total_norm=norm)
+    try:
+        return bool(optimizer.step_with_ready_grads()), norm
+    finally:
+        for inner in adams:
+            inner.grad_scale = None
+
+
+def _all_fused(optimizer):
+    """The inner torch Adams when every sub-optimizer is one, with every group fused and
+    parameters on one device: then clipping rides on the fused kernel's gradient scale
+    (torch's AMP unscaling: grad / scale as it reads the gradient, the scaled gradient written
+    back), one pass over the gradients fewer than Megatron's in-place multiply. Else []."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    adams = list(_torch_adams(optimizer))
+    groups = [g for a in adams for g in a.param_groups if g["params"]]
+    if len(adams) != len(subs) or not groups or not all(g.get("fused") for g in groups):
+        return []
+    devs = {p.device for g in groups for p in g["params"]}
+    return adams if len(devs) == 1 else []
 
 
 def current_lr(optimizer) -> float:
