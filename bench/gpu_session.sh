@@ -137,7 +137,7 @@ tp2_compiled() {  # run_dir [prefix command...]: the layout model, TP2, compiled
   [[ -f /tmp/demo/tokenizer.model ]] || python3 -m megapeer.data.demo --out /tmp/demo --max-mb 4 >/dev/null
   local model
   model=$(python3 -c "from bench.train_throughput import GPU_100M as a, GPU_100M_PEER as b; print(*a, *b)")
-  MEGAPEER_ALLOW_TP_COMPILE=1 "$@" python3 -m torch.distributed.run --standalone \
+  "$@" python3 -m torch.distributed.run --standalone \
     --nproc_per_node=2 -m megapeer.train --config examples/tiny_cpu.yaml $model \
     model.peer.num_experts=[128,128] model.vocab_size=4096 data.tokenizer.path=/tmp/demo/tokenizer.model \
     data.blend=[/tmp/demo/stdlib_text_document] training.train_iters=${TPC_STEPS:-6} training.warmup_iters=2 \

@@ -355,17 +355,6 @@ def test_checkpoint_writer_helper_ignores_sigterm_and_exits_with_a_killed_traine
             helper.kill()
 
 
-def test_compile_with_tensor_parallel_refused_on_gpus(monkeypatch):
-    from megapeer.training.loop import TP_COMPILE_ENV, check_compile_layout
-    monkeypatch.delenv(TP_COMPILE_ENV, raising=False)
-    check_compile_layout(2, on_gpu=False)            # CPU: tested, allowed
-    check_compile_layout(1, on_gpu=True)
-    with pytest.raises(ValueError, match="parallel.tensor=2"):
-        check_compile_layout(2, on_gpu=True)
-    monkeypatch.setenv(TP_COMPILE_ENV, "1")
-    check_compile_layout(2, on_gpu=True)
-
-
 def test_sigusr2_prints_every_stack_and_the_run_goes_on():
     """megapeer.train's debug hook: SIGUSR2 dumps all threads' Python stacks to stderr
     (a hung rank) without stopping the process; USR1 stays the checkpoint-and-stop signal."""

@@ -28,22 +28,6 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-TP_COMPILE_ENV = "MEGAPEER_ALLOW_TP_COMPILE"
-
-
-def check_compile_layout(tensor_parallel: int, on_gpu: bool) -> None:
-    """training.compile with tensor parallelism has not run on GPUs: on H200s (2026-11-28/29,
-    docs/benchmarks.md "Not measured") the TP2 step hung in its first step (the ranks issued
-    different NCCL calls once PEER's collectives were inside inductor's graphs; they are
-    eager now, not yet re-run on GPUs). On the CPU (gloo) it is tested and matches eager.
-    Refuse it on GPUs unless MEGAPEER_ALLOW_TP_COMPILE=1 (to verify the fix)."""
-    if tensor_parallel > 1 and on_gpu and os.environ.get(TP_COMPILE_ENV) != "1":
-        raise ValueError(
-            f"training.compile=true with parallel.tensor={tensor_parallel} is not supported on "
-            "GPUs: compiled TP layers hung or faulted on H200s (docs/benchmarks.md). Set "
-            f"training.compile=false or parallel.tensor=1 (or {TP_COMPILE_ENV}=1 to try anyway).")
-
-
 def _peak_flops(cfg):
     if cfg.logging.peak_tflops:
         return cfg.logging.peak_tflops * 1e12
@@ -152,8 +136,6 @@ def train(cfg):
                          f"tokens but model.vocab_size is {m.vocab_size}")
 
     tcfg = transformer_config(m, cfg.parallel, t)
-    if t.compile:
-        check_compile_layout(cfg.parallel.tensor, torch.cuda.is_available())
     chunks = build_model_chunks(cfg, tcfg)
     if t.compile:
         log.info("training.compile: %d transformer layers compiled with torch.compile, "
