@@ -27,8 +27,9 @@ How, without splitting compiled graphs: the expert ops get the table detached an
 gradient in one opaque op (`megapeer::table_grad_keep`) that also calls `keep` here: it
 copies the micro-batch's inputs (inside a compiled graph their buffers may be reused once
 the op returns) or, when it is time, scatters all of them and adds the gradient to the
-table's own: `main_grad` under Megatron's DDP (marking it ready for an overlapped
-reduction), else `.grad`. The op finds the table's parameter by its address, among the
+table's own: `main_grad` under Megatron's DDP (the scatter writes its fp32 sums there
+itself: stored after DDP's zero_grad_buffer, see `zeroed`, else added; then it is marked
+ready for an overlapped reduction), else `.grad`. The op finds the table's parameter by its address, among the
 tables given to `track` (models/peer.py tracks U and V).
 Tests: tests/test_table_grads.py.
 """
