@@ -276,6 +276,24 @@ def test_compiled_layers_under_tensor_parallel(demo, tmp_path):
         assert abs(out["true"][s] - out["false"][s]) <= 1e-4 * abs(out["false"][s]), s
 
 
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("layout", ["parallel.pipeline=2", "parallel.expert=2"])
+def test_compiled_layers_under_pipeline_and_expert_parallel(demo, tmp_path, layout):
+    """training.compile with PP2 (1F1B over 4 micro-batches) and with EP2 (the PEER tables'
+    rows split, tokens gathered): eager's per-step losses (CPU inductor, fp32, 1e-4)."""
+    out = {}
+    for flag in ("false", "true"):
+        run = str(tmp_path / f"{flag}")
+        p = train(demo, run, [layout, "training.train_iters=3", "training.eval_interval=0",
+                              "training.global_batch_size=8", "checkpoint.save=false",
+                              f"training.compile={flag}"], nproc=2)
+        assert ("transformer layers compiled" in p.stderr) == (flag == "true")
+        out[flag] = losses(run)
+    assert sorted(out["true"]) == [1, 2, 3]
+    for s in range(1, 4):
+        assert abs(out["true"][s] - out["false"][s]) <= 1e-4 * abs(out["false"][s]), s
+
+
 @pytest.mark.timeout(600)
 def test_fused_cross_entropy_under_tp2(demo, tmp_path):
     """training.fused_cross_entropy (Megatron's fused vocab-parallel kernel, bf16) under TP2:
