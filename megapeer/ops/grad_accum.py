@@ -63,7 +63,8 @@ def _alias(t: torch.Tensor) -> torch.Tensor:
     return a.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
-def _usable(p) -> bool:
+def usable_main_grad(p) -> bool:
+    """p has a main_grad a kernel can write in place: fp32, p's shape, contiguous."""
     g = getattr(p, "main_grad", None)
     return (g is not None and g.dtype == torch.float32 and g.shape == p.shape
             and g.is_contiguous())
@@ -94,7 +95,7 @@ def prepare_accumulators(module: torch.nn.Module, enabled: bool = True) -> int:
     for name, p in module.named_parameters():
         p._peer_acc = None
         if (enabled and not (compiled and name.startswith(compiled))
-                and getattr(p, "peer_fused_accum", False) and _usable(p)):
+                and getattr(p, "peer_fused_accum", False) and usable_main_grad(p)):
             tables.append(p)
     if tables:
         module._peer_acc_hook = module.register_forward_pre_hook(_refresh(tables))

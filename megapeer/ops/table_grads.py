@@ -29,8 +29,8 @@ copies the micro-batch's inputs (inside a compiled graph their buffers may be re
 the op returns) or, when it is time, scatters all of them and adds the gradient to the
 table's own: `main_grad` under Megatron's DDP (the scatter writes its fp32 sums there
 itself: stored after DDP's zero_grad_buffer, see `zeroed`, else added; then it is marked
-ready for an overlapped reduction), else `.grad`. The op finds the table's parameter by its address, among the
-tables given to `track` (models/peer.py tracks U and V).
+ready for an overlapped reduction), else `.grad`. The op finds the table's parameter by
+its address, among the tables given to `track` (models/peer.py tracks U and V).
 Tests: tests/test_table_grads.py.
 """
 import contextlib
@@ -189,7 +189,8 @@ def _deliver(p, scatter):
         grad = scatter().to(p.dtype)
         p.grad = grad if p.grad is None else p.grad + grad
         return
-    if main.dtype == torch.float32 and main.is_contiguous() and main.shape == p.shape:
+    from . import grad_accum
+    if grad_accum.usable_main_grad(p):
         scatter(out=main.view(p.shape[0], -1),
                 accumulate=not getattr(p, "_main_grad_zero", False))
     else:
