@@ -39,6 +39,10 @@ def main():
     ap.add_argument("--tiles", nargs="*", default=["MC=128", "BN=64", "num_stages=4"],
                     help="scatter tile changes to time `merged` with, KEY=VALUE[,KEY=VALUE] each")
     args = ap.parse_args()
+    try:
+        tiles = [(t, _kv(t)) for t in args.tiles]
+    except ValueError:
+        ap.error(f"--tiles: each item KEY=INT[,KEY=INT], got {args.tiles}")
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (the kernels are timed there)")
     import triton.testing
@@ -105,8 +109,8 @@ def main():
              ("merged, added to the fp32 main_grad", merged_acc, {}),
              ("the n copies alone", copies, {}),
              ("the n copies alone, index_select", copies, {"gather_rows": index_select_rows})]
-    forms += [(f"merged, {t}", merged, {"MERGED_TILES": {**pg.MERGED_TILES, **_kv(t)}})
-              for t in args.tiles]
+    forms += [(f"merged, {t}", merged, {"MERGED_TILES": {**pg.MERGED_TILES, **kv}})
+              for t, kv in tiles]
     base = None
     for name, fn, change in forms:
         try:
