@@ -129,6 +129,15 @@ class PEER(MegatronModule):
             q = self.query_norm(q)
         parts = q.split(self.sub_dim, dim=-1)
         ck = self.subkey_topk
+        if self._fused_topk():   # one kernel for both stages (ops/product_topk.py)
+            s0, s1 = (torch.einsum("thc,nc->thn", qi, ki.to(qi.dtype))
+                      for qi, ki in zip(parts, self.keys))
+            i0, i1 = torch.ops.megapeer.product_topk(s0.reshape(T * self.heads, -1),
+                                                     s1.reshape(T * self.heads, -1),
+                                                     ck, self.topk)
+            i0, i1 = i0.view(T, self.heads, -1), i1.view(T, self.heads, -1)
+            cand_s = s0.gather(-1, i0) + s1.gather(-1, i1)
+            return self._gated(i0 * self.sizes[1] + i1, cand_s, x)
         cand_s = cand_i = None
         last = len(self.sizes) - 1
         for i, (qi, ki) in enumerate(zip(parts, self.keys)):
@@ -144,6 +153,17 @@ class PEER(MegatronModule):
             keep = self.topk if i == last else min(comb_s.shape[-1], max(ck, self.topk))
             cand_s, pos = comb_s.topk(keep, dim=-1)
             cand_i = comb_i.gather(-1, pos)
+        return self._gated(cand_i, cand_s, x)
+
+    def _fused_topk(self) -> bool:
+        """model.peer.topk_kernel=triton (two sub-key sets: config/validate.py); the op
+        runs its torch reference where the kernel cannot (ops/product_topk.py)."""
+        if self.peer.topk_kernel != "triton":
+            return False
+        from ..ops import product_topk  # noqa: F401  (registers megapeer::product_topk)
+        return True
+
+    def _gated(self, cand_i, cand_s, x):
         s32 = cand_s.to(torch.promote_types(cand_s.dtype, torch.float32))
         if self.peer.score_fn == "softmax":
             gates = torch.softmax(s32, dim=-1).to(x.dtype)

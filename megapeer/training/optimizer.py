@@ -32,6 +32,7 @@ def build_optimizer(chunks, t, dtype, distributed=None):
     foreach_scale_copy()
     opt = get_megatron_optimizer(cfg, chunks, config_overrides=overrides)
     opt.megapeer_fused_adam = bool(t.fused_adam)
+    opt.megapeer_triton_adam = bool(t.triton_adam)
     use_fused_adam(opt)
     return opt
 
@@ -58,18 +59,33 @@ def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
 
 def foreach_scale_copy() -> bool:
     """Without Transformer Engine or apex, Megatron copies the fp32 main parameters into
-    the bf16 model parameters after each step (and scales clipped gradients) with its
-    local helper (utils.local_multi_tensor_scale): `dst.copy_(src * scale)` per tensor,
-    i.e. two kernels and an fp32 temporary per parameter tensor. Use torch's foreach ops
-    instead: one copy (scale 1) or one in-place multiply, a few launches for all tensors,
-    the same values. Returns whether it was installed."""
+    the model parameters after each step with a loop of `copy_` (bf16: `overflow_buf` is
+    None) or its local helper (utils.local_multi_tensor_scale: `dst.copy_(src * scale)`
+    per tensor, two kernels and an fp32 temporary each), and scales clipped gradients with
+    that helper. Use torch's foreach ops instead (a few launches for all tensors, the same
+    values), and skip the copies that the Triton Adam made (training.triton_adam). Returns
+    whether it was installed."""
     from megatron.core import utils as mutils
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as moptimizer
     for mod in (clip_grads, moptimizer):
         if mod.multi_tensor_scale_impl is mutils.local_multi_tensor_scale:
             mod.multi_tensor_scale_impl = foreach_scale
+    if moptimizer.multi_tensor_scale_impl is foreach_scale:
+        moptimizer._multi_tensor_copy_this_to_that = foreach_copy
     return all(mod.multi_tensor_scale_impl is foreach_scale for mod in (clip_grads, moptimizer))
+
+
+# data_ptrs of the fp32 main parameters whose model copy ops/adam.py wrote this step
+_COPIED = set()
+
+
+def foreach_copy(this, that, overflow_buf=None):
+    """Drop-in for Megatron's _multi_tensor_copy_this_to_that: that[i] = this[i], except
+    where the Triton Adam already wrote that[i] this step."""
+    pairs = [(a, b) for a, b in zip(this, that) if a.data_ptr() not in _COPIED]
+    if pairs:
+        torch._foreach_copy_([b for _, b in pairs], [a for a, _ in pairs])
 
 
 def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
@@ -158,9 +174,10 @@ def optimizer_step(optimizer, clip_grad: float):
     norm = float(norm) if norm is not None else 0.0
     if not math.isfinite(norm):
         return False, norm
-    adams = []
+    adams, gmul = [], 1.0
     if clip_grad > 0 and clip_grad / (norm + 1.0e-6) < 1.0:   # Megatron's clip coefficient
         adams = _all_fused(optimizer)
+        gmul = clip_grad / (norm + 1.0e-6) if adams else 1.0
         if adams:   # the fused kernel divides the gradients as it reads them
             scale = torch.full((), (norm + 1.0e-6) / clip_grad, dtype=torch.float32,
                                device=adams[0].param_groups[0]["params"][0].device)
@@ -171,11 +188,77 @@ def optimizer_step(optimizer, clip_grad: float):
                 params = sub.get_parameters()
                 if params:
                     clip_grad_by_total_norm_fp32(params, max_norm=clip_grad, total_norm=norm)
+    done = []
     try:
+        if getattr(optimizer, "megapeer_triton_adam", False):
+            done = triton_adam(optimizer, gmul)
         return bool(optimizer.step_with_ready_grads()), norm
     finally:
         for inner in adams:
             inner.grad_scale = None
+        for p, g in done:
+            p.grad = g
+        _COPIED.clear()
+
+
+def triton_adam(optimizer, gmul=1.0):
+    """training.triton_adam: step the large fp32 main parameters of Megatron's
+    mixed-precision optimizers with ops/adam.py (AdamW that also writes the model
+    parameter), before Megatron's step; their .grad is set to None meanwhile so that torch's
+    Adam skips them, and their main -> model copies are skipped (foreach_copy). gmul: the
+    clip factor when clipping rides on the fused kernel (else Megatron already scaled the
+    gradients). State in torch's fused layout (fp32 step on the device), so either path
+    can continue it. Returns [(main parameter, its gradient)] to restore after the step."""
+    from megatron.core.optimizer import optimizer as moptimizer
+    from ..ops import adam
+    if moptimizer._multi_tensor_copy_this_to_that is not foreach_copy or not adam.available():
+        return []
+    done = []
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam) or not hasattr(sub, "fp32_from_float16_groups"):
+            continue
+        group_of = {id(p): g for g in inner.param_groups for p in g["params"]}
+        work = []
+        for models, mains in zip(sub.float16_groups, sub.fp32_from_float16_groups):
+            for model, main in zip(models, mains):
+                g = group_of.get(id(main))
+                if g is None or not _adamw_like(inner, g) or not adam.takes(main, model):
+                    continue
+                grad = main.grad
+                if grad is None or grad.dtype != torch.float32 or not grad.is_contiguous():
+                    continue
+                st = inner.state[main]
+                if not st:   # torch's initial state, in its fused layout
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=main.device)
+                    st["exp_avg"] = torch.zeros_like(main, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(main, memory_format=torch.preserve_format)
+                step = st.get("step")
+                if (not torch.is_tensor(step) or step.device != main.device
+                        or step.dtype != torch.float32 or "exp_avg" not in st):
+                    continue   # a state in another layout: torch's Adam continues it
+                work.append((g, main, model, st))
+        if not work:
+            continue
+        torch._foreach_add_([st["step"] for *_, st in work], 1.0)
+        for g, main, model, st in work:
+            b1, b2 = g["betas"]
+            adam.adamw_copy_(main.data, main.grad, st["exp_avg"], st["exp_avg_sq"], model.data,
+                             st["step"], float(g["lr"]), b1, b2, g["eps"], g["weight_decay"],
+                             gmul)
+            _COPIED.add(main.data_ptr())
+            done.append((main, main.grad))
+            main.grad = None
+    return done
+
+
+def _adamw_like(inner, g) -> bool:
+    """Whether the group's update is ops/adam.py's: decoupled weight decay (or none), no
+    amsgrad, not maximising, not differentiable, plain float lr."""
+    decoupled = g.get("decoupled_weight_decay", isinstance(inner, torch.optim.AdamW))
+    return ((decoupled or g["weight_decay"] == 0) and not g.get("amsgrad")
+            and not g.get("maximize") and not g.get("differentiable")
+            and not torch.is_tensor(g["lr"]))
 
 
 def _all_fused(optimizer):

@@ -1,0 +1,129 @@
+"""ops/adam.py against torch's AdamW, op and trainer level (tests/test_adam.py).
+
+Run with TRITON_INTERPRET=1 on a CPU (the Triton interpreter), or on a GPU. Prints one
+JSON line: per op case the largest relative differences of p, m, v from torch's AdamW
+(fresh random tensors and state) and whether the written model copy is p rounded; then
+the tiny MLA+PEER (bf16 parameters) trained with training.triton_adam on (every tensor on
+the kernel: MIN_NUMEL 0) and off: per-step losses, kernel calls, whether every model
+parameter equalled its rounded main parameter after every step, and the largest relative
+difference of the main parameters and their Adam moments after the first step.
+  adam_check.py CLIP_GRAD FUSED   (FUSED 1: torch's fused Adam groups on a CPU as well)
+"""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from bench.train_throughput import TINY, TINY_PEER  # noqa: E402
+from megapeer.ops import adam  # noqa: E402
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+
+def op_cases(dev, g):
+    out = {}
+    for n in (1, 1000, adam.BLOCK, 3 * adam.BLOCK + 5):
+        for wd, gmul, t in ((0.0, 1.0, 1), (0.1, 1.0, 7), (0.1, 0.3, 3)):
+            p = torch.randn(n, generator=g)
+            grad = torch.randn(n, generator=g)
+            m = torch.randn(n, generator=g) * 0.1
+            v = torch.rand(n, generator=g) * 0.01
+            lr, b1, b2, eps = float(torch.rand((), generator=g)) * 1e-2, 0.9, 0.95, 1e-8
+            ref = torch.nn.Parameter(p.clone())
+            opt = torch.optim.AdamW([ref], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd,
+                                    foreach=False)
+            opt.state[ref] = {"step": torch.tensor(float(t - 1)), "exp_avg": m.clone(),
+                              "exp_avg_sq": v.clone()}
+            ref.grad = grad * gmul
+            opt.step()
+            P, G, M, Vv = (x.clone().to(dev) for x in (p, grad, m, v))
+            out16 = torch.empty(n, dtype=torch.bfloat16, device=dev)
+            step = torch.tensor(float(t), device=dev)
+            adam.adamw_copy_(P, G, M, Vv, out16, step, lr, b1, b2, eps, wd, gmul)
+            st = opt.state[ref]
+            out[f"n{n}_wd{wd}_g{gmul}_t{t}"] = {
+                "p": _rel(P.cpu(), ref.detach()), "m": _rel(M.cpu(), st["exp_avg"]),
+                "v": _rel(Vv.cpu(), st["exp_avg_sq"]),
+                "copy": bool(torch.equal(out16, P.to(torch.bfloat16))),
+                "grad_kept": bool(torch.equal(G.cpu(), grad))}
+    return out
+
+
+def train(overrides, steps, on):
+    from megapeer.config import load_config
+    from megapeer.models import build_model_chunks
+    from megapeer.models.gpt import param_dtype, transformer_config
+    from megapeer.parallel import init_model_parallel
+    from megapeer.training.optimizer import build_optimizer, optimizer_step
+    from megapeer.training.step import forward_backward, wrap_ddp
+    cfg = load_config(overrides=overrides + [f"training.triton_adam={str(on).lower()}"],
+                      world_size=1)
+    init_model_parallel(cfg.parallel, 1234)
+    m, t = cfg.model, cfg.training
+    tcfg = transformer_config(m, cfg.parallel, t)
+    ddp = wrap_ddp(build_model_chunks(cfg, tcfg), tcfg)
+    opt = build_optimizer(ddp, t, param_dtype(t))
+    S, B = m.seq_length, t.micro_batch_size
+    g = torch.Generator().manual_seed(0)
+    losses, copies_equal, first = [], True, None
+    for it in range(steps):
+        toks = torch.randint(0, m.vocab_size, (B, S + 1), generator=g)
+        batch = {"tokens": toks[:, :-1], "labels": toks[:, 1:], "loss_mask": torch.ones(B, S),
+                 "position_ids": torch.arange(S).expand(B, S)}
+        for c in ddp:
+            c.zero_grad_buffer()
+        opt.zero_grad()
+        loss = forward_backward(ddp, [iter([batch])], 1, S, B)
+        optimizer_step(opt, t.clip_grad)
+        losses.append(float(loss))
+        subs = getattr(opt, "chained_optimizers", [opt])
+        for sub in subs:
+            for models, mains in zip(sub.float16_groups, sub.fp32_from_float16_groups):
+                for a, b in zip(models, mains):
+                    copies_equal &= bool(torch.equal(a, b.to(a.dtype)))
+        if it == 0:   # main parameters and their Adam moments
+            first = [x.detach().clone() for sub in subs
+                     for grp in sub.fp32_from_float16_groups for b in grp
+                     for x in (b, sub.optimizer.state[b]["exp_avg"],
+                               sub.optimizer.state[b]["exp_avg_sq"])]
+    return losses, copies_equal, first
+
+
+def main():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    small_taken = adam.takes(torch.zeros(adam.MIN_NUMEL - 1, device=dev),
+                             torch.zeros(adam.MIN_NUMEL - 1, device=dev, dtype=torch.bfloat16))
+    ops = op_cases(dev, g)
+    from megapeer.parallel import init_distributed
+    init_distributed()
+    adam.MIN_NUMEL = 0   # every size here (the tiny model's parameters included)
+    calls = []
+    real = adam.adamw_copy_
+
+    def spy(*a, **k):
+        calls.append(a[11])   # the clip factor gmul
+        return real(*a, **k)
+
+    adam.adamw_copy_ = spy
+    if sys.argv[2] == "1":   # torch's fused Adam groups on the CPU too: clipping by the
+        from megapeer.training import optimizer as O   # clip factor (gmul) in the kernel
+        O._fusable = lambda p: True
+    ov = TINY + TINY_PEER + ["training.precision=bf16", "training.global_batch_size=2",
+                             "training.lr=3e-3", "training.clip_grad=" + sys.argv[1]]
+    fast, fast_eq, fast1 = train(ov, 4, True)
+    n_fast = len(calls)
+    plain, plain_eq, plain1 = train(ov, 4, False)
+    print(json.dumps({"ops": ops, "small_taken": small_taken, "fast": fast, "plain": plain,
+                      "kernel_calls": n_fast, "plain_calls": len(calls) - n_fast,
+                      "gmul_below_1": sum(1 for x in calls[:n_fast] if x < 1.0),
+                      "copies_equal": fast_eq and plain_eq,
+                      "first_step_main_rel": max(_rel(a, b) for a, b in zip(fast1, plain1))}))
+
+
+if __name__ == "__main__":
+    main()
