@@ -157,6 +157,20 @@ for ce in off on; do
     --set training.micro_batch_size=2 training.global_batch_size=8 \
     training.fused_cross_entropy=$([[ $ce == on ]] && echo true || echo false) ${CE_ARGS:-}
 done
+# the opt-in Triton AdamW + copy and product-key top-k: GPU tests, kernel timings, then the
+# 1.3B compiled step at micro-batch 2 without and with them (the same process per pair)
+if has optkern; then
+  timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_adam.py tests/test_product_topk.py \
+    tests/test_optimizer.py 2>&1 | tail -3
+  timeout 90 python3 bench/adam_copy.py --json "$OUT/adam_copy.json" 2>&1 | grep -v -i warn | tail -4
+  timeout 90 python3 bench/product_topk.py --json "$OUT/product_topk.json" 2>&1 | grep -v -i warn | tail -6
+  for k in off on; do
+    tput optkern_$k ${OPTKERN_LIMIT:-240} --size 1b --compile --steps 6 --warmup 2 \
+      --variants ${OPTKERN_VARIANTS:-mla_dense,mla_peer_wider} --set training.micro_batch_size=2 \
+      training.global_batch_size=8 model.peer.defer_table_grads=4 \
+      $([[ $k == on ]] && echo "training.triton_adam=true model.peer.topk_kernel=triton")
+  done
+fi
 if has tpcdiag; then  # a hung compiled TP2 run: Python stacks (SIGUSR2) and py-spy of each rank
   tp2_compiled /tmp/tpcd env TORCH_LOGS=recompiles ${DIAG_ENV:-} > "$OUT/tpcdiag.log" 2>&1 &
   job=$!
