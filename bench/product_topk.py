@@ -20,6 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.sdpa_mla import timed as median_ms  # noqa: E402  (CUDA-event median)
 from megapeer.ops import product_topk as pt  # noqa: E402
 
 SHAPES = [  # (rows, n, ck, k)
@@ -42,22 +43,6 @@ def torch_topk(s0, s1, ck, k):
 def fused_topk(s0, s1, ck, k):
     i0, i1 = pt.product_topk(s0, s1, ck, k)
     return i0 * s1.shape[-1] + i1, s0.gather(-1, i0) + s1.gather(-1, i1)
-
-
-def median_ms(fn, reps):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    ts.sort()
-    return ts[len(ts) // 2]
 
 
 def main():

@@ -22,62 +22,51 @@ import os
 
 import torch
 
+# available(): Triton and a GPU (or the interpreter), as for the gradient add
+from .grad_add import available, lazy_kernel  # noqa: F401
+
 BLOCK = 4096      # elements per program
 NUM_WARPS = 8
 # Smaller tensors stay on torch's fused Adam (one multi-tensor launch for all of them):
 # a Triton launch per tensor costs host time, and the bytes are in the large tensors.
 MIN_NUMEL = 1 << 22
 
-_kernel = None
+
+def _build(triton, tl):
+    @triton.jit
+    def adamw_copy(p, g, m, v, out, step, n, lr, b1, b2, log2_b1, log2_b2, eps, wd,
+                   gmul, BLOCK: tl.constexpr, BF16: tl.constexpr):   # name in profiles
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        t = tl.load(step)
+        bc1 = 1.0 - tl.exp2(t * log2_b1)
+        bc2_sqrt = tl.sqrt(1.0 - tl.exp2(t * log2_b2))
+        x = tl.load(p + offs, mask=mask)
+        gr = tl.load(g + offs, mask=mask) * gmul
+        ma = tl.load(m + offs, mask=mask)
+        va = tl.load(v + offs, mask=mask)
+        x = x - lr * wd * x
+        ma = b1 * ma + (1.0 - b1) * gr
+        va = b2 * va + (1.0 - b2) * gr * gr
+        x = x - (lr / bc1) * ma / (tl.sqrt(va) / bc2_sqrt + eps)
+        tl.store(p + offs, x, mask=mask)
+        tl.store(m + offs, ma, mask=mask)
+        tl.store(v + offs, va, mask=mask)
+        if BF16:   # round to nearest even by hand: the interpreter's cast truncates
+            b = x.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            b = tl.where(x != x, 0x7FC0, b).to(tl.uint16)   # NaN stays NaN
+            tl.store(out + offs, b.to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            tl.store(out + offs, x.to(out.dtype.element_ty), mask=mask)
+    return adamw_copy
 
 
-def _k():
-    global _kernel
-    if _kernel is None:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def adamw_copy(p, g, m, v, out, step, n, lr, b1, b2, log2_b1, log2_b2, eps, wd,
-                       gmul, BLOCK: tl.constexpr, BF16: tl.constexpr):   # name in profiles
-            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < n
-            t = tl.load(step)
-            bc1 = 1.0 - tl.exp2(t * log2_b1)
-            bc2_sqrt = tl.sqrt(1.0 - tl.exp2(t * log2_b2))
-            x = tl.load(p + offs, mask=mask)
-            gr = tl.load(g + offs, mask=mask) * gmul
-            ma = tl.load(m + offs, mask=mask)
-            va = tl.load(v + offs, mask=mask)
-            x = x - lr * wd * x
-            ma = b1 * ma + (1.0 - b1) * gr
-            va = b2 * va + (1.0 - b2) * gr * gr
-            x = x - (lr / bc1) * ma / (tl.sqrt(va) / bc2_sqrt + eps)
-            tl.store(p + offs, x, mask=mask)
-            tl.store(m + offs, ma, mask=mask)
-            tl.store(v + offs, va, mask=mask)
-            if BF16:   # round to nearest even by hand: the interpreter's cast truncates
-                b = x.to(tl.uint32, bitcast=True)
-                b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-                b = tl.where(x != x, 0x7FC0, b).to(tl.uint16)   # NaN stays NaN
-                tl.store(out + offs, b.to(tl.bfloat16, bitcast=True), mask=mask)
-            else:
-                tl.store(out + offs, x.to(out.dtype.element_ty), mask=mask)
-
-        _kernel = (triton, adamw_copy)
-    return _kernel
+_k = lazy_kernel(_build)
 
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or _interpret()
 
 
 def takes(main: torch.Tensor, model: torch.Tensor) -> bool:

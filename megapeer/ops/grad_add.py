@@ -24,25 +24,32 @@ NUM_WARPS = 8
 # part of the time, got no faster with every parameter on the kernel).
 MIN_NUMEL = 1 << 22
 
-_kernel = None
+def lazy_kernel(build):
+    """A function returning (triton, build(triton, tl)), built on first call: Triton is
+    imported (and the kernel compiled) only when a kernel runs."""
+    cache = []
+
+    def get():
+        if not cache:
+            import triton
+            import triton.language as tl
+            cache.append((triton, build(triton, tl)))
+        return cache[0]
+    return get
 
 
-def _k():
-    global _kernel
-    if _kernel is None:
-        import triton
-        import triton.language as tl
+def _build(triton, tl):
+    @triton.jit
+    def main_grad_add(acc, g, n, BLOCK: tl.constexpr):   # its name in profiles
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        a = tl.load(acc + offs, mask=mask)
+        b = tl.load(g + offs, mask=mask)
+        tl.store(acc + offs, a + b.to(tl.float32), mask=mask)
+    return main_grad_add
 
-        @triton.jit
-        def main_grad_add(acc, g, n, BLOCK: tl.constexpr):   # its name in profiles
-            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < n
-            a = tl.load(acc + offs, mask=mask)
-            b = tl.load(g + offs, mask=mask)
-            tl.store(acc + offs, a + b.to(tl.float32), mask=mask)
 
-        _kernel = (triton, main_grad_add)
-    return _kernel
+_k = lazy_kernel(_build)
 
 
 def available() -> bool:
