@@ -34,7 +34,8 @@ import os
 import torch
 
 MAX_ROW = 4096     # longest row one program sorts (padded n, or the stage-2 candidates)
-# Block sizes (_config), from an H200 sweep of the kernel alone at bf16, median ms:
+# Block sizes (_config), from an ad-hoc H200 sweep of the kernel alone at bf16 (2026-11-29,
+# not a benchmark script; docs/benchmarks.md "PEER retrieval's top-k"), median ms:
 #   rows x n, ck = k     BLOCK_R, warps: ms (others tried)
 #   32768 x 16, 8        64, 4: 0.094  (32, 4: 0.117; 64, 2: 0.109; 128, 2: 0.083)
 #   65536 x 64, 32        2, 4: 0.716  (4, 4: 0.707; 2, 1: 0.708; 8, 1: 7.6)
