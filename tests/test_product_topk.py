@@ -173,13 +173,13 @@ def test_which_sizes_the_kernel_takes(monkeypatch):
     assert pt._config(16, 16, 8, 16)["SP"] == 8    # k = 16: strips 4 wide would be all
     s = torch.randn(3, 16)
     # (TRITON_INTERPRET itself is left alone: Triton reads it once, when imported here)
-    monkeypatch.setattr(pt, "_interpret", lambda: False)
+    monkeypatch.setattr(pt, "interpret", lambda: False)
     assert not pt.uses_kernel(s, s, 4, 4)           # CPU without the interpreter
-    monkeypatch.setattr(pt, "_interpret", lambda: True)
+    monkeypatch.setattr(pt, "interpret", lambda: True)
     assert pt.uses_kernel(s, s, 4, 4) == pt.available()
     assert not pt.uses_kernel(s.double(), s, 4, 4)
     assert not pt.uses_kernel(torch.randn(3, 8192), s, 4, 4)
-    monkeypatch.setattr(pt, "_interpret", lambda: False)
+    monkeypatch.setattr(pt, "interpret", lambda: False)
     i0, i1 = pt.product_topk(s, s.flip(-1), 4, 6)   # the reference serves
     r0, r1 = pt.product_topk_ref(s, s.flip(-1), 4, 6)
     assert torch.equal(i0, r0) and torch.equal(i1, r1)
@@ -231,7 +231,7 @@ GPU_CASES = [(32768, 16, 16, 8, 8, BF16), (65536, 64, 64, 32, 32, BF16),
              (65536, 64, 64, 32, 32, FP32), (3000, 100, 100, 10, 100, FP32)]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or pt._interpret(),
+@pytest.mark.skipif(not torch.cuda.is_available() or pt.interpret(),
                     reason="needs CUDA (and no TRITON_INTERPRET)")
 def test_kernel_on_gpu():
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -18,12 +18,10 @@ incremented by the caller), so no host synchronisation. Bias corrections are fp3
 Tests: tests/test_adam.py (CPU under TRITON_INTERPRET=1, or a GPU).
 """
 import math
-import os
 
 import torch
 
-# available(): Triton and a GPU (or the interpreter), as for the gradient add
-from .grad_add import available, lazy_kernel  # noqa: F401
+from .triton_util import available, interpret, lazy_kernel  # noqa: F401  (available)
 
 BLOCK = 4096      # elements per program
 NUM_WARPS = 8
@@ -65,15 +63,11 @@ def _build(triton, tl):
 _k = lazy_kernel(_build)
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def takes(main: torch.Tensor, model: torch.Tensor) -> bool:
     """Whether the kernel serves this (fp32 main, model) parameter pair."""
     return (main.dtype == torch.float32 and model.dtype in (torch.bfloat16, torch.float16)
             and main.numel() == model.numel() >= max(MIN_NUMEL, 1)
-            and main.device == model.device and (main.is_cuda or _interpret())
+            and main.device == model.device and (main.is_cuda or interpret())
             and main.is_contiguous() and model.is_contiguous())
 
 

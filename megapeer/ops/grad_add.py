@@ -12,9 +12,9 @@ at least MIN_NUMEL elements, on CUDA (or the CPU under TRITON_INTERPRET=1, which
 use); torch's add_ otherwise (fp32 gradients already take torch's vectorised path).
 Tests: tests/test_grad_add.py.
 """
-import os
-
 import torch
+
+from .triton_util import available, interpret, lazy_kernel  # noqa: F401  (available)
 
 BLOCK = 8192      # elements per program
 NUM_WARPS = 8
@@ -23,20 +23,6 @@ NUM_WARPS = 8
 # host between backward kernels (a 1.3B dense MLA step, where the GPU waits for the host
 # part of the time, got no faster with every parameter on the kernel).
 MIN_NUMEL = 1 << 22
-
-def lazy_kernel(build):
-    """A function returning (triton, build(triton, tl)), built on first call: Triton is
-    imported (and the kernel compiled) only when a kernel runs."""
-    cache = []
-
-    def get():
-        if not cache:
-            import triton
-            import triton.language as tl
-            cache.append((triton, build(triton, tl)))
-        return cache[0]
-    return get
-
 
 def _build(triton, tl):
     @triton.jit
@@ -52,19 +38,11 @@ def _build(triton, tl):
 _k = lazy_kernel(_build)
 
 
-def available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def takes(acc: torch.Tensor, grad: torch.Tensor) -> bool:
     """Whether the kernel serves this pair (else torch's add_)."""
     return (acc.dtype == torch.float32 and grad.dtype in (torch.bfloat16, torch.float16)
             and acc.numel() == grad.numel() >= MIN_NUMEL and acc.device == grad.device
-            and (acc.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+            and (acc.is_cuda or interpret())
             and acc.is_contiguous() and grad.is_contiguous())
 
 

@@ -29,9 +29,11 @@ the packing or a program's tile (see _config). Tests: tests/test_product_topk.py
 bench/product_topk.py.
 """
 import math
-import os
 
 import torch
+
+# available(): Triton imports (uses_kernel checks the tensors' device)
+from .triton_util import importable as available, interpret, lazy_kernel
 
 MAX_ROW = 4096     # longest row one program sorts (padded n, or the stage-2 candidates)
 # Block sizes (_config), from an ad-hoc H200 sweep of the kernel alone at bf16 (2026-11-29,
@@ -44,8 +46,7 @@ MAX_ROW = 4096     # longest row one program sorts (padded n, or the stage-2 can
 # Some (larger BLOCK_R, 1 warp at BLOCK_R > 1) are ~10x slower: untried sizes may be too.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_kernel = None
-tl = LOWEST = None   # set by _k(): the jit functions read them as globals
+tl = LOWEST = None   # set by _build: the jit functions read them as globals
 
 
 def _pow2(n):
@@ -57,130 +58,127 @@ def _log2(n):
     return n.bit_length() - 1
 
 
-def _k():
-    global _kernel
-    if _kernel is None:
-        import triton
-        import triton.language as tl
+def _build(triton, tl):
+    # the jit functions find each other (and tl, LOWEST) among the module's globals
+    globals().update(tl=tl, LOWEST=tl.constexpr(-(1 << 63)))
 
-        # the jit functions find each other (and tl, LOWEST) among the module's globals
-        globals().update(tl=tl, LOWEST=tl.constexpr(-(1 << 63)))
+    @triton.jit
+    def _pack(x, low, mask):
+        # fp32 -> int32 with the float's order (-0 -> +0, NaN -> -inf), then
+        # (ordered << 32) | low as int64; masked entries the lowest int64
+        b = x.to(tl.int32, bitcast=True)
+        b = tl.where(b == -2147483648, 0, b)
+        b = tl.where((b & 0x7FFFFFFF) > 0x7F800000, -8388608, b)      # -inf's bits
+        o = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+        return tl.where(mask, (o.to(tl.int64) << 32) | low, LOWEST)
 
-        @triton.jit
-        def _pack(x, low, mask):
-            # fp32 -> int32 with the float's order (-0 -> +0, NaN -> -inf), then
-            # (ordered << 32) | low as int64; masked entries the lowest int64
-            b = x.to(tl.int32, bitcast=True)
-            b = tl.where(b == -2147483648, 0, b)
-            b = tl.where((b & 0x7FFFFFFF) > 0x7F800000, -8388608, b)      # -inf's bits
-            o = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
-            return tl.where(mask, (o.to(tl.int64) << 32) | low, LOWEST)
+    @triton.jit
+    def _score(key):
+        o = (key >> 32).to(tl.int32)
+        return tl.where(o >= 0, o, o ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
 
-        @triton.jit
-        def _score(key):
-            o = (key >> 32).to(tl.int32)
-            return tl.where(o >= 0, o, o ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    @triton.jit
+    def _first(x, BR: tl.constexpr, N: tl.constexpr, M: tl.constexpr):
+        # columns [0, M) of a [BR, N] tensor (Triton has no slicing)
+        x3 = tl.reshape(x, (BR, N // M, M))
+        j = tl.arange(0, N // M)[None, :, None]
+        return tl.max(tl.where(j == 0, x3, LOWEST), axis=1)
 
-        @triton.jit
-        def _first(x, BR: tl.constexpr, N: tl.constexpr, M: tl.constexpr):
-            # columns [0, M) of a [BR, N] tensor (Triton has no slicing)
-            x3 = tl.reshape(x, (BR, N // M, M))
-            j = tl.arange(0, N // M)[None, :, None]
-            return tl.max(tl.where(j == 0, x3, LOWEST), axis=1)
+    # Bitonic top-m of int64 keys (Triton's tl.topk algorithm on a [2] * D hypercube), with
+    # a compare-and-swap that finds each partner as (pair sum - self): the interpreter
+    # runs tl.sum in numpy but tl.sort's xor reduction element by element in Python.
+    @triton.jit
+    def _ind(D: tl.constexpr, j: tl.constexpr):
+        return tl.reshape(tl.arange(0, 2), [1] * (D - j - 1) + [2] + [1] * j)
 
-        # Bitonic top-m of int64 keys (Triton's tl.topk algorithm on a [2] * D hypercube), with
-        # a compare-and-swap that finds each partner as (pair sum - self): the interpreter
-        # runs tl.sum in numpy but tl.sort's xor reduction element by element in Python.
-        @triton.jit
-        def _ind(D: tl.constexpr, j: tl.constexpr):
-            return tl.reshape(tl.arange(0, 2), [1] * (D - j - 1) + [2] + [1] * j)
+    @triton.jit
+    def _merge(h, stage: tl.constexpr, order: tl.constexpr, D: tl.constexpr):
+        # order 1: descending, 2: alternating by the bit `stage` (bitonic runs)
+        if order == 2:
+            flip = _ind(D, stage)
+        else:
+            flip = order
+        for s in tl.static_range(stage):        # pairs along axis D - stage + s
+            y = tl.sum(h, axis=D - stage + s, keep_dims=True) - h     # partner (wraps)
+            h = tl.where((h > y) != (flip ^ _ind(D, stage - 1 - s)).to(tl.int1), y, h)
+        return h
 
-        @triton.jit
-        def _merge(h, stage: tl.constexpr, order: tl.constexpr, D: tl.constexpr):
-            # order 1: descending, 2: alternating by the bit `stage` (bitonic runs)
-            if order == 2:
-                flip = _ind(D, stage)
-            else:
-                flip = order
-            for s in tl.static_range(stage):        # pairs along axis D - stage + s
-                y = tl.sum(h, axis=D - stage + s, keep_dims=True) - h     # partner (wraps)
-                h = tl.where((h > y) != (flip ^ _ind(D, stage - 1 - s)).to(tl.int1), y, h)
-            return h
+    @triton.jit
+    def _topm(x, BR: tl.constexpr, N: tl.constexpr, M: tl.constexpr,
+              LOGN: tl.constexpr, LOGM: tl.constexpr, D: tl.constexpr):
+        # x [BR, N] -> its M largest per row, sorted descending; D = log2(BR * N)
+        h = tl.reshape(x, [2] * D)
+        for i in tl.static_range(1, LOGM + 1):          # sort runs of M
+            h = _merge(h, i, 2 if i < LOGN else 1, D)
+        for i in tl.static_range(LOGM + 1, LOGN + 1):   # halve: max of run pairs, merge
+            h = tl.max(h, axis=D - i)
+            h = _merge(h, LOGM, 2 if i < LOGN else 1, D - i + LOGM)
+        return tl.reshape(h, (BR, M))
 
-        @triton.jit
-        def _topm(x, BR: tl.constexpr, N: tl.constexpr, M: tl.constexpr,
-                  LOGN: tl.constexpr, LOGM: tl.constexpr, D: tl.constexpr):
-            # x [BR, N] -> its M largest per row, sorted descending; D = log2(BR * N)
-            h = tl.reshape(x, [2] * D)
-            for i in tl.static_range(1, LOGM + 1):          # sort runs of M
-                h = _merge(h, i, 2 if i < LOGN else 1, D)
-            for i in tl.static_range(LOGM + 1, LOGN + 1):   # halve: max of run pairs, merge
-                h = tl.max(h, axis=D - i)
-                h = _merge(h, LOGM, 2 if i < LOGN else 1, D - i + LOGM)
-            return tl.reshape(h, (BR, M))
+    @triton.jit
+    def _top(ptr, rows, rmask, n, sr, sc, BR: tl.constexpr, NP: tl.constexpr,
+             CKP: tl.constexpr, LOGB: tl.constexpr, LOGN: tl.constexpr, LOGC: tl.constexpr):
+        # keys of the top CKP of BR rows of length n, sorted descending: [BR, CKP]
+        c = tl.arange(0, NP)
+        m = rmask[:, None] & (c[None, :] < n)
+        x = tl.load(ptr + rows[:, None] * sr + c.to(tl.int64)[None, :] * sc, mask=m,
+                    other=0.0)
+        low = (NP - 1 - c).to(tl.int64)[None, :]         # lower index sorts first
+        return _topm(_pack(x.to(tl.float32), low, m), BR, NP, CKP, LOGN, LOGC, LOGB + LOGN)
 
-        @triton.jit
-        def _top(ptr, rows, rmask, n, sr, sc, BR: tl.constexpr, NP: tl.constexpr,
-                 CKP: tl.constexpr, LOGB: tl.constexpr, LOGN: tl.constexpr, LOGC: tl.constexpr):
-            # keys of the top CKP of BR rows of length n, sorted descending: [BR, CKP]
-            c = tl.arange(0, NP)
-            m = rmask[:, None] & (c[None, :] < n)
-            x = tl.load(ptr + rows[:, None] * sr + c.to(tl.int64)[None, :] * sc, mask=m,
-                        other=0.0)
-            low = (NP - 1 - c).to(tl.int64)[None, :]         # lower index sorts first
-            return _topm(_pack(x.to(tl.float32), low, m), BR, NP, CKP, LOGN, LOGC, LOGB + LOGN)
+    @triton.jit
+    def _pairs(ka, kb, a0, ck, BR: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
+               NP0: tl.constexpr, NP1: tl.constexpr, CKP: tl.constexpr,
+               IB0: tl.constexpr, IB1: tl.constexpr):
+        # keys [BR, A * B] of the candidates (a, b), a0 <= a < ck, b < ck, from the sorted
+        # stage-1 keys ka [BR, A], kb [BR, B]; low bits: CKP * CKP - 1 - (a * CKP + b)
+        # (ties: lower a * ck + b first), then i0 and i1
+        a = tl.arange(0, A)[:, None]
+        b = tl.arange(0, B)[None, :]
+        ok = (a >= a0) & (a < ck) & (b < ck)
+        ia = (NP0 - 1) - (ka & (NP0 - 1))
+        ib = (NP1 - 1) - (kb & (NP1 - 1))
+        low = (((CKP * CKP - 1 - (a * CKP + b)).to(tl.int64) << (IB0 + IB1))[None, :, :]
+               | (ia[:, :, None] << IB1) | ib[:, None, :])
+        key = _pack(_score(ka)[:, :, None] + _score(kb)[:, None, :], low, ok[None, :, :])
+        return tl.reshape(key, (BR, A * B))
 
-        @triton.jit
-        def _pairs(ka, kb, a0, ck, BR: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
-                   NP0: tl.constexpr, NP1: tl.constexpr, CKP: tl.constexpr,
-                   IB0: tl.constexpr, IB1: tl.constexpr):
-            # keys [BR, A * B] of the candidates (a, b), a0 <= a < ck, b < ck, from the sorted
-            # stage-1 keys ka [BR, A], kb [BR, B]; low bits: CKP * CKP - 1 - (a * CKP + b)
-            # (ties: lower a * ck + b first), then i0 and i1
-            a = tl.arange(0, A)[:, None]
-            b = tl.arange(0, B)[None, :]
-            ok = (a >= a0) & (a < ck) & (b < ck)
-            ia = (NP0 - 1) - (ka & (NP0 - 1))
-            ib = (NP1 - 1) - (kb & (NP1 - 1))
-            low = (((CKP * CKP - 1 - (a * CKP + b)).to(tl.int64) << (IB0 + IB1))[None, :, :]
-                   | (ia[:, :, None] << IB1) | ib[:, None, :])
-            key = _pack(_score(ka)[:, :, None] + _score(kb)[:, None, :], low, ok[None, :, :])
-            return tl.reshape(key, (BR, A * B))
+    @triton.jit
+    def product_topk_kernel(s0, s1, o0, o1, R, n0, n1, ck, k, s0r, s0c, s1r, s1c,
+                            BR: tl.constexpr, NP0: tl.constexpr, NP1: tl.constexpr,
+                            CKP: tl.constexpr, SP: tl.constexpr, KP: tl.constexpr,
+                            LOGB: tl.constexpr, IB0: tl.constexpr, IB1: tl.constexpr,
+                            LOGC: tl.constexpr, LOGG: tl.constexpr, LOGK: tl.constexpr):
+        # BR = 2**LOGB rows; NP0 = 2**IB0, NP1 = 2**IB1 (padded n); CKP = 2**LOGC;
+        # KP = 2**LOGK; the stage-2 grid has 2**LOGG candidates
+        rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+        rmask = rows < R
+        ka = _top(s0, rows, rmask, n0, s0r, s0c, BR, NP0, CKP, LOGB, IB0, LOGC)
+        kb = _top(s1, rows, rmask, n1, s1r, s1c, BR, NP1, CKP, LOGB, IB1, LOGC)
+        if SP == CKP:       # all ck x ck candidates
+            key = _pairs(ka, kb, 0, ck, BR, CKP, CKP, NP0, NP1, CKP, IB0, IB1)
+        else:
+            # a member (a, b) of the top k has (a + 1)(b + 1) <= k (the pairs (a' <= a,
+            # b' <= b) all rank above it: sums are monotone with NaN as -inf), so
+            # min(a, b) < SP: two strips suffice, a < SP (any b) and b < SP (a >= SP)
+            ks = _pairs(_first(ka, BR, CKP, SP), kb, 0, ck, BR, SP, CKP, NP0, NP1, CKP,
+                        IB0, IB1)
+            kt = _pairs(ka, _first(kb, BR, CKP, SP), SP, ck, BR, CKP, SP, NP0, NP1, CKP,
+                        IB0, IB1)
+            key = tl.reshape(tl.join(ks, kt), (BR, 2 * SP * CKP))
+        key = _topm(key, BR, 2 ** LOGG, KP, LOGG, LOGK, LOGB + LOGG)        # [BR, KP]
+        j = tl.arange(0, KP)
+        out = rows[:, None] * k + j[None, :]
+        sm = rmask[:, None] & (j[None, :] < k)
+        tl.store(o0 + out, (key >> IB1) & (NP0 - 1), mask=sm)
+        tl.store(o1 + out, key & (NP1 - 1), mask=sm)
 
-        @triton.jit
-        def product_topk_kernel(s0, s1, o0, o1, R, n0, n1, ck, k, s0r, s0c, s1r, s1c,
-                                BR: tl.constexpr, NP0: tl.constexpr, NP1: tl.constexpr,
-                                CKP: tl.constexpr, SP: tl.constexpr, KP: tl.constexpr,
-                                LOGB: tl.constexpr, IB0: tl.constexpr, IB1: tl.constexpr,
-                                LOGC: tl.constexpr, LOGG: tl.constexpr, LOGK: tl.constexpr):
-            # BR = 2**LOGB rows; NP0 = 2**IB0, NP1 = 2**IB1 (padded n); CKP = 2**LOGC;
-            # KP = 2**LOGK; the stage-2 grid has 2**LOGG candidates
-            rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-            rmask = rows < R
-            ka = _top(s0, rows, rmask, n0, s0r, s0c, BR, NP0, CKP, LOGB, IB0, LOGC)
-            kb = _top(s1, rows, rmask, n1, s1r, s1c, BR, NP1, CKP, LOGB, IB1, LOGC)
-            if SP == CKP:       # all ck x ck candidates
-                key = _pairs(ka, kb, 0, ck, BR, CKP, CKP, NP0, NP1, CKP, IB0, IB1)
-            else:
-                # a member (a, b) of the top k has (a + 1)(b + 1) <= k (the pairs (a' <= a,
-                # b' <= b) all rank above it: sums are monotone with NaN as -inf), so
-                # min(a, b) < SP: two strips suffice, a < SP (any b) and b < SP (a >= SP)
-                ks = _pairs(_first(ka, BR, CKP, SP), kb, 0, ck, BR, SP, CKP, NP0, NP1, CKP,
-                            IB0, IB1)
-                kt = _pairs(ka, _first(kb, BR, CKP, SP), SP, ck, BR, CKP, SP, NP0, NP1, CKP,
-                            IB0, IB1)
-                key = tl.reshape(tl.join(ks, kt), (BR, 2 * SP * CKP))
-            key = _topm(key, BR, 2 ** LOGG, KP, LOGG, LOGK, LOGB + LOGG)        # [BR, KP]
-            j = tl.arange(0, KP)
-            out = rows[:, None] * k + j[None, :]
-            sm = rmask[:, None] & (j[None, :] < k)
-            tl.store(o0 + out, (key >> IB1) & (NP0 - 1), mask=sm)
-            tl.store(o1 + out, key & (NP1 - 1), mask=sm)
+    globals().update(_pack=_pack, _score=_score, _first=_first, _ind=_ind, _merge=_merge,
+                     _topm=_topm, _top=_top, _pairs=_pairs)
+    return product_topk_kernel
 
-        globals().update(_pack=_pack, _score=_score, _first=_first, _ind=_ind, _merge=_merge,
-                         _topm=_topm, _top=_top, _pairs=_pairs)
-        _kernel = (triton, product_topk_kernel)
-    return _kernel
+
+_k = lazy_kernel(_build)
 
 
 def _check(s0, s1, ck, k):
@@ -229,22 +227,10 @@ def _fits(n0, n1, ck, k):
     return _config(n0, n1, ck, k) is not None
 
 
-def _interpret():
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def uses_kernel(s0, s1, ck, k) -> bool:
     """Whether product_topk runs the Triton kernel for these (valid) inputs."""
     return (s0.dtype in KERNEL_DTYPES and s1.dtype in KERNEL_DTYPES
-            and (s0.is_cuda or _interpret()) and _fits(s0.shape[1], s1.shape[1], ck, k)
+            and (s0.is_cuda or interpret()) and _fits(s0.shape[1], s1.shape[1], ck, k)
             and available())
 
 
