@@ -26,6 +26,8 @@ def main():
                     help="elements (default: one 1.3B mla_peer_wider table, 16^2 x 256 x 2048)")
     ap.add_argument("--json")
     a = ap.parse_args()
+    if a.numel < 1:
+        ap.error(f"--numel must be >= 1, got {a.numel}")
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (the kernels are timed there)")
     import triton.testing

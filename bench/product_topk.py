@@ -50,6 +50,8 @@ def main():
     ap.add_argument("--json", help="write the rows here too")
     ap.add_argument("--reps", type=int, default=50)
     args = ap.parse_args()
+    if args.reps < 1:
+        ap.error(f"--reps must be >= 1, got {args.reps}")
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (torch.cuda.is_available() is False)")
     if not pt.available():
