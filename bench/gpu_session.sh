@@ -168,7 +168,7 @@ if has optkern; then
     tput optkern_$k ${OPTKERN_LIMIT:-240} --size 1b --compile --steps 6 --warmup 2 \
       --variants ${OPTKERN_VARIANTS:-mla_dense,mla_peer_wider} --set training.micro_batch_size=2 \
       training.global_batch_size=8 model.peer.defer_table_grads=4 \
-      $([[ $k == on ]] && echo "training.triton_adam=true model.peer.topk_kernel=triton")
+      $([[ $k == off ]] && echo "training.triton_adam=false model.peer.topk_kernel=torch")
   done
 fi
 if has tpcdiag; then  # a hung compiled TP2 run: Python stacks (SIGUSR2) and py-spy of each rank

@@ -2,13 +2,13 @@
 
 For each shape (rows = tokens x heads, n sub-keys per product dim, ck sub-key top-k, k
 experts) times, on bf16 scores s0, s1 [rows, n]:
-  torch  today's retrieval (models/peer.py, `retrieve`, two product dims): topk(ck) of
-         each side, the ck*ck bf16 sums, topk(k) of those, and the gather of the ids;
-  fused  ops/product_topk.product_topk, then the two gathers and the add that recompute
-         the selected bf16 scores, and the ids i0 * n + i1.
+  torch  retrieval's torch path (models/peer.py, `retrieve`, two product dims): topk(ck)
+         of each side, the ck*ck sums in fp32, topk(k) of those, and the gather of the ids;
+  fused  ops/product_topk.product_topk, then the two gathers and the fp32 add that
+         recompute the selected scores, and the ids i0 * n + i1.
 Median ms over CUDA-event-timed calls; `same ids` is the fraction of rows where both give
-the same ids in the same order (they can differ where bf16 sums tie or round together:
-the kernel ranks fp32 sums), `= ref` whether the kernel equals product_topk_ref exactly.
+the same ids in the same order (they differ only where fp32 sums tie: torch.topk's tie
+order is unspecified), `= ref` whether the kernel equals product_topk_ref exactly.
 
   python bench/product_topk.py [--json out.json]
 """
@@ -34,7 +34,7 @@ SHAPES = [  # (rows, n, ck, k)
 def torch_topk(s0, s1, ck, k):
     v0, i0 = s0.topk(ck, dim=-1)
     v1, i1 = s1.topk(ck, dim=-1)
-    comb_s = (v0.unsqueeze(-1) + v1.unsqueeze(-2)).flatten(-2)
+    comb_s = (v0.float().unsqueeze(-1) + v1.float().unsqueeze(-2)).flatten(-2)
     comb_i = (i0.unsqueeze(-1) * s1.shape[-1] + i1.unsqueeze(-2)).flatten(-2)
     cand_s, pos = comb_s.topk(k, dim=-1)
     return comb_i.gather(-1, pos), cand_s
@@ -42,7 +42,7 @@ def torch_topk(s0, s1, ck, k):
 
 def fused_topk(s0, s1, ck, k):
     i0, i1 = pt.product_topk(s0, s1, ck, k)
-    return i0 * s1.shape[-1] + i1, s0.gather(-1, i0) + s1.gather(-1, i1)
+    return i0 * s1.shape[-1] + i1, s0.gather(-1, i0).float() + s1.gather(-1, i1).float()
 
 
 def main():

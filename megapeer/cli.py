@@ -48,12 +48,13 @@ def info() -> int:
           + (f"Triton kernel for bf16/fp16 gradients of >= {grad_add.MIN_NUMEL} elements"
              if grad_add.available() else "torch's add_ (needs Triton and a GPU)"))
     from .ops import adam, product_topk
-    print("Triton AdamW + model copy (training.triton_adam, off by default): "
-          + (f"available for fp32 main parameters of >= {adam.MIN_NUMEL} elements"
-             if adam.available() else "unavailable (needs Triton and a GPU)"))
-    print("product-key top-k kernel (model.peer.topk_kernel=triton, off by default): "
-          + ("available" if product_topk.available() and torch.cuda.is_available()
-             else "unavailable (needs Triton and a GPU; the torch reference runs instead)"))
+    print("Triton AdamW + model copy (training.triton_adam, on by default): "
+          + (f"used for fp32 main parameters of >= {adam.MIN_NUMEL} elements"
+             if adam.available() else "unavailable (needs Triton and a GPU): torch's Adam"))
+    print("product-key top-k kernel (model.peer.topk_kernel): "
+          + ("auto uses it for two sub-key sets"
+             if product_topk.available() and torch.cuda.is_available()
+             else "unavailable (needs Triton and a GPU): auto uses torch.topk"))
     return 0
 
 

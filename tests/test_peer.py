@@ -88,6 +88,35 @@ def test_subkey_pruning_is_exact(world1):
     assert torch.equal(i1.sort(-1).values, i2.sort(-1).values)
 
 
+@pytest.mark.parametrize("mode", ["torch", "triton", "auto"])
+def test_bf16_retrieval_ranks_fp32_sums(world1, mode):
+    """In bf16, every top-k path (torch.topk stages; the fused op, here its reference;
+    'auto', torch on a CPU) picks the exhaustive top-k of the fp32 sums of the bf16
+    sub-key scores on rows without tied sums (bf16-rounded sums would tie and differ),
+    with the same scores and gates as the torch path."""
+    kw = dict(num_experts=[32, 32], heads=4, topk=8, key_dim=16, subkey_topk=8)
+    ref = _layer(world1, **kw, topk_kernel="torch").to(torch.bfloat16)
+    layer = _layer(world1, **kw, topk_kernel=mode).to(torch.bfloat16)
+    layer.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    x = torch.randn(256, 16, generator=g).to(torch.bfloat16)
+    ids, gates, scores = layer.retrieve(x)
+    r_ids, r_gates, r_scores = ref.retrieve(x)
+    q = layer.query_norm(F.linear(x, layer.query).view(256, 4, -1))
+    s0, s1 = (torch.einsum("thc,nc->thn", qi, k) for qi, k in zip(q.split(8, -1), layer.keys))
+    sums = (s0.float()[..., :, None] + s1.float()[..., None, :]).flatten(-2)   # [T, h, 1024]
+    top = sums.sort(-1, descending=True)
+    v = top.values[..., :9]
+    untied = (v[..., 1:] < v[..., :-1]).all(-1)
+    assert untied.float().mean() > 0.5
+    assert torch.equal(ids[untied], top.indices[..., :8][untied])
+    assert torch.equal(scores, r_scores) and scores.dtype == torch.float32
+    torch.testing.assert_close(gates, r_gates, atol=0, rtol=0)
+    # the test can fail: bf16-rounded sums pick other experts on some untied rows
+    bf = sums.to(torch.bfloat16).float().topk(8, -1).indices.sort(-1).values
+    assert not torch.equal(bf[untied], top.indices[..., :8].sort(-1).values[untied])
+
+
 @pytest.mark.parametrize("m", [1, 2])
 def test_reference_ops_match_loops(m):
     torch.manual_seed(0)

@@ -40,9 +40,10 @@ class PEERConfig:
     expert_hidden: int = 1                 # 1 = single-neuron experts
     init_std: Optional[float] = None       # table init std (default: model.init_method_std)
     kernel: Literal["auto", "reference", "fused", "grouped", "gmm"] = "auto"
-    # Retrieval's product-key top-k: 'torch' torch.topk per stage; 'triton' one kernel for
-    # two sub-key sets, ranking fp32 sums (ops/product_topk.py; opt-in until timed in training)
-    topk_kernel: Literal["torch", "triton"] = "torch"
+    # Retrieval's product-key top-k (both rank fp32 sums of the sub-key scores): 'torch'
+    # torch.topk per stage; 'triton' one kernel for two sub-key sets (ops/product_topk.py);
+    # 'auto' triton on a GPU with Triton and two sub-key sets, else torch
+    topk_kernel: Literal["auto", "torch", "triton"] = "auto"
     # Add the tables' gradients to Megatron's fp32 main_grad inside the backward kernels
     # (no bf16 table gradient, no separate add; ops/grad_accum.py).
     grad_accum_fusion: bool = True
@@ -127,8 +128,9 @@ class TrainingConfig:
     use_distributed_optimizer: bool = False
     fused_adam: bool = True                # torch's fused Adam kernel for GPU parameters
     triton_grad_add: bool = True           # main_grad += grad by a Triton kernel on GPUs (ops/grad_add.py)
-    # AdamW + bf16 copy in one Triton pass for large tensors (ops/adam.py); opt-in until timed
-    triton_adam: bool = False
+    # AdamW + bf16 copy in one Triton pass for large fp32 main parameters on GPUs (ops/adam.py;
+    # not with use_distributed_optimizer, whose shards torch's Adam steps)
+    triton_adam: bool = True
     fused_cross_entropy: bool = False      # Megatron's fused vocab-parallel cross-entropy (bf16)
     overlap_grad_reduce: bool = False
     eval_interval: int = 50

@@ -45,6 +45,10 @@ class PEER(MegatronModule):
         self.d = d
         self.heads, self.topk = peer.heads, peer.topk
         self.sizes = list(peer.num_experts)
+        self._topk_op = False   # model.peer.topk_kernel: the fused op may run (_fused_topk)
+        if peer.topk_kernel != "torch" and len(self.sizes) == 2:
+            from ..ops import product_topk  # registers megapeer::product_topk
+            self._topk_op = peer.topk_kernel == "triton" or product_topk.available()
         self.num_experts = math.prod(self.sizes)
         self.m = peer.expert_hidden
         self.sub_dim = peer.key_dim // len(self.sizes)
@@ -129,14 +133,14 @@ class PEER(MegatronModule):
             q = self.query_norm(q)
         parts = q.split(self.sub_dim, dim=-1)
         ck = self.subkey_topk
-        if self._fused_topk():   # one kernel for both stages (ops/product_topk.py)
+        if self._fused_topk(x):   # one kernel for both stages (ops/product_topk.py)
             s0, s1 = (torch.einsum("thc,nc->thn", qi, ki.to(qi.dtype))
                       for qi, ki in zip(parts, self.keys))
             i0, i1 = torch.ops.megapeer.product_topk(s0.reshape(T * self.heads, -1),
                                                      s1.reshape(T * self.heads, -1),
                                                      ck, self.topk)
             i0, i1 = i0.view(T, self.heads, -1), i1.view(T, self.heads, -1)
-            cand_s = s0.gather(-1, i0) + s1.gather(-1, i1)
+            cand_s = _up(s0.gather(-1, i0)) + _up(s1.gather(-1, i1))
             return self._gated(i0 * self.sizes[1] + i1, cand_s, x)
         cand_s = cand_i = None
         last = len(self.sizes) - 1
@@ -146,7 +150,8 @@ class PEER(MegatronModule):
             if cand_s is None:
                 cand_s, cand_i = vals, ids
                 continue
-            comb_s = (cand_s.unsqueeze(-1) + vals.unsqueeze(-2)).flatten(-2)
+            # sums ranked in fp32 (bf16 sums tie often), as the fused top-k does
+            comb_s = (_up(cand_s).unsqueeze(-1) + _up(vals).unsqueeze(-2)).flatten(-2)
             comb_i = (cand_i.unsqueeze(-1) * self.sizes[i] + ids.unsqueeze(-2)).flatten(-2)
             # Keeping >= topk partial sums at every stage makes the result exact
             # (any member of the final top-k has its partial sum in the partial top-k).
@@ -155,13 +160,11 @@ class PEER(MegatronModule):
             cand_i = comb_i.gather(-1, pos)
         return self._gated(cand_i, cand_s, x)
 
-    def _fused_topk(self) -> bool:
-        """model.peer.topk_kernel=triton (two sub-key sets: config/validate.py); the op
-        runs its torch reference where the kernel cannot (ops/product_topk.py)."""
-        if self.peer.topk_kernel != "triton":
-            return False
-        from ..ops import product_topk  # noqa: F401  (registers megapeer::product_topk)
-        return True
+    def _fused_topk(self, x) -> bool:
+        """model.peer.topk_kernel: 'triton' (two sub-key sets: config/validate.py; the op
+        runs its torch reference where the kernel cannot, ops/product_topk.py), or 'auto'
+        with two sub-key sets on a GPU where Triton runs (_topk_op: decided in __init__)."""
+        return self._topk_op and (self.peer.topk_kernel == "triton" or x.is_cuda)
 
     def _gated(self, cand_i, cand_s, x):
         s32 = cand_s.to(torch.promote_types(cand_s.dtype, torch.float32))
@@ -289,6 +292,11 @@ class PEER(MegatronModule):
 
 
 COMM_LABEL = "peer.comm"   # profiler label of PEER's collectives (training/profiling.py)
+
+
+def _up(t):
+    """t in at least fp32: retrieval ranks score sums there (bf16 sums tie often)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 @torch.compiler.disable

@@ -35,6 +35,11 @@ _OUT_FIELDS = CausalLMOutputWithPast.__dataclass_fields__
 _CACHE_FIELD = "cache" if "cache" in _OUT_FIELDS else "past_key_values"
 
 
+def _up(t):
+    """t in at least fp32: retrieval ranks score sums there (as training does)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 # ------------------------------------------------------------------------------ RoPE
 def yarn_mscale(scale: float, mscale: float) -> float:
     if scale <= 1:
@@ -204,7 +209,7 @@ class PEER(nn.Module):
             if cand_s is None:
                 cand_s, cand_i = vals, ids
                 continue
-            comb_s = (cand_s.unsqueeze(-1) + vals.unsqueeze(-2)).flatten(-2)
+            comb_s = (_up(cand_s).unsqueeze(-1) + _up(vals).unsqueeze(-2)).flatten(-2)
             comb_i = (cand_i.unsqueeze(-1) * self.sizes[i] + ids.unsqueeze(-2)).flatten(-2)
             keep = self.topk if i == last else min(comb_s.shape[-1], max(ck, self.topk))
             cand_s, pos = comb_s.topk(keep, dim=-1)
