@@ -117,6 +117,17 @@ def test_bf16_retrieval_ranks_fp32_sums(world1, mode):
     assert not torch.equal(bf[untied], top.indices[..., :8].sort(-1).values[untied])
 
 
+def test_cpu_initialization_keeps_the_layer_on_the_cpu(world1, monkeypatch):
+    """use_cpu_initialization (Megatron's convention, these tests' layers) keeps PEER's
+    parameters on the CPU on a machine with a GPU too (here: CUDA reported available)."""
+    def no_gpu():
+        raise AssertionError("PEER asked for the current GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", no_gpu)
+    layer = _layer(world1, num_experts=[4, 4], heads=2, topk=3, key_dim=8)
+    assert {p.device.type for p in layer.parameters()} == {"cpu"}
+
+
 @pytest.mark.parametrize("m", [1, 2])
 def test_reference_ops_match_loops(m):
     torch.manual_seed(0)

@@ -66,7 +66,9 @@ class PEER(MegatronModule):
         self.sp = bool(config.sequence_parallel) and self.tp_size > 1
 
         dtype = config.params_dtype
-        dev = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        # Megatron's convention: use_cpu_initialization keeps the parameters on the CPU
+        on_gpu = torch.cuda.is_available() and not config.use_cpu_initialization
+        dev = torch.cuda.current_device() if on_gpu else "cpu"
         kw = dict(device=dev, dtype=dtype)
         self.query = torch.nn.Parameter(torch.empty(self.heads * peer.key_dim, d, **kw))
         if peer.query_norm == "layernorm":
