@@ -7,6 +7,7 @@ atol 1e-5 / rtol 1e-4).
 """
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -98,7 +99,7 @@ def test_bf16_retrieval_ranks_fp32_sums(world1, mode):
     ref = _layer(world1, **kw, topk_kernel="torch").to(torch.bfloat16)
     layer = _layer(world1, **kw, topk_kernel=mode).to(torch.bfloat16)
     layer.load_state_dict(ref.state_dict())
-    g = torch.Generator().manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     x = torch.randn(256, 16, generator=g).to(torch.bfloat16)
     ids, gates, scores = layer.retrieve(x)
     r_ids, r_gates, r_scores = ref.retrieve(x)
