@@ -157,13 +157,14 @@ for ce in off on; do
     --set training.micro_batch_size=2 training.global_batch_size=8 \
     training.fused_cross_entropy=$([[ $ce == on ]] && echo true || echo false) ${CE_ARGS:-}
 done
-# the opt-in Triton AdamW + copy and product-key top-k: GPU tests, kernel timings, then the
-# 1.3B compiled step at micro-batch 2 without and with them (the same process per pair)
+# the Triton AdamW + copy, the product-key top-k and the narrow expert sort: GPU tests, kernel
+# timings, then the 1.3B compiled step at micro-batch 2 with the first two off, then on (defaults)
 if has optkern; then
-  timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_adam.py tests/test_product_topk.py \
-    tests/test_optimizer.py 2>&1 | tail -3
+  timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_adam.py tests/test_product_topk.py \
+    tests/test_optimizer.py tests/test_peer_grouped.py 2>&1 | tail -3
   timeout 90 python3 bench/adam_copy.py --json "$OUT/adam_copy.json" 2>&1 | grep -v -i warn | tail -4
   timeout 90 python3 bench/product_topk.py --json "$OUT/product_topk.json" 2>&1 | grep -v -i warn | tail -6
+  timeout 90 python3 bench/expert_sort.py --json "$OUT/expert_sort.json" 2>&1 | grep -v -i warn | tail -5
   for k in off on; do
     tput optkern_$k ${OPTKERN_LIMIT:-240} --size 1b --compile --steps 6 --warmup 2 \
       --variants ${OPTKERN_VARIANTS:-mla_dense,mla_peer_wider} --set training.micro_batch_size=2 \

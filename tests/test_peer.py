@@ -129,6 +129,21 @@ def test_cpu_initialization_keeps_the_layer_on_the_cpu(world1, monkeypatch):
     assert {p.device.type for p in layer.parameters()} == {"cpu"}
 
 
+@pytest.mark.parametrize("n_exp,dtype", [(7, torch.int16), (32767, torch.int16),
+                                         (32768, torch.int32), (1 << 20, torch.int32)])
+def test_sort_by_expert_is_the_stable_sort(n_exp, dtype):
+    """peer_ref.sort_by_expert (the grouped paths' layouts): the int64 stable sort's
+    permutation and its inverse, from a sort on the narrowest key type, many ties."""
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    for P in (1, 999, 5000):
+        flat = torch.randint(0, min(n_exp, 50), (P,), generator=g) + (n_exp - min(n_exp, 50))
+        keys, order, inv = peer_ref.sort_by_expert(flat, n_exp)
+        ref_keys, ref_order = torch.sort(flat, stable=True)
+        assert keys.dtype == dtype and order.dtype == inv.dtype == torch.int64
+        assert torch.equal(keys.long(), ref_keys) and torch.equal(order, ref_order)
+        assert torch.equal(inv, torch.argsort(ref_order))
+
+
 @pytest.mark.parametrize("m", [1, 2])
 def test_reference_ops_match_loops(m):
     torch.manual_seed(0)

@@ -31,10 +31,8 @@ from . import peer_ref
 def _layout_of(idx: Tensor, n_exp: int):
     """(tok, order, inv, offs): pairs sorted by expert (stable), the token of each sorted
     pair, the inverse permutation, and int32 group ends per expert."""
-    flat = idx.reshape(-1)
-    srt, order = torch.sort(flat, stable=True)
-    inv = torch.argsort(order)
-    hk = flat.numel() // idx.shape[0]
+    srt, order, inv = peer_ref.sort_by_expert(idx.reshape(-1), n_exp)
+    hk = idx.numel() // idx.shape[0]
     tok = torch.div(order, hk, rounding_mode="floor")
     offs = torch.searchsorted(srt, torch.arange(n_exp, device=idx.device, dtype=srt.dtype),
                               right=True).to(torch.int32)

@@ -116,8 +116,7 @@ def _layout_op(idx: Tensor, n_exp: int, bm: int) -> tuple[Tensor, Tensor, Tensor
     order: the expert-ordered form's way back). Torch ops on the device, sized by upper bounds
     (no host sync: torch.bincount would read the largest id back to the host; the GPU
     test runs this under torch.cuda.set_sync_debug_mode("error"))."""
-    flat = idx.reshape(-1)
-    keys, order = torch.sort(flat, stable=True)
+    keys, order, inv = peer_ref.sort_by_expert(idx.reshape(-1), n_exp)
     order = order.to(torch.int32)
     bounds = torch.searchsorted(keys, torch.arange(n_exp + 1, device=idx.device, dtype=keys.dtype))
     counts = (bounds[1:] - bounds[:-1]).to(torch.int32)
@@ -125,11 +124,10 @@ def _layout_op(idx: Tensor, n_exp: int, bm: int) -> tuple[Tensor, Tensor, Tensor
     blocks = (counts + bm - 1) // bm
     block_end = torch.cumsum(blocks, 0)
     block_start = (block_end - blocks).to(torch.int32)
-    b = torch.arange(_n_blocks(flat.numel(), n_exp, bm), device=idx.device)
+    b = torch.arange(_n_blocks(idx.numel(), n_exp, bm), device=idx.device)
     e = torch.searchsorted(block_end, b, right=True)
     block_expert = torch.where(e < n_exp, e, -1).to(torch.int32)
-    inv = torch.argsort(order).to(torch.int32)
-    return order, block_expert, block_start, expert_off, counts, inv
+    return order, block_expert, block_start, expert_off, counts, inv.to(torch.int32)
 
 
 @_layout_op.register_fake

@@ -11,7 +11,8 @@ Shapes: x [T, d]; idx [T, h, k] int64 in [0, N); U, V [N*m, d] (m = expert hidde
 size, 1 for single-neuron experts); s and w [T, h, k, m]; out [T, d].
 Autograd flows to x, U, w and V. The fused CUDA kernels (ops/peer_cuda.py) compute
 the same two functions; this file is their reference. LayoutCache and Permute (below)
-serve the two grouped paths (peer_grouped.py, peer_gmm.py), which sort the pairs by expert.
+serve the two grouped paths (peer_grouped.py, peer_gmm.py), which sort the pairs by expert
+(sort_by_expert).
 """
 import weakref
 
@@ -46,6 +47,20 @@ def expert_step(dot, axpy, x, idx, gates, U, V, act, m: int = 1):
 def peer_experts(x, idx, gates, U, V, act, m: int = 1):
     """Single-process expert step on the reference ops."""
     return expert_step(gather_dot, gather_axpy, x, idx, gates, U, V, act, m)
+
+
+def sort_by_expert(flat: torch.Tensor, n_exp: int):
+    """Expert ids flat [P] (in [0, n_exp)) sorted, stably: (sorted ids, order, inv), order
+    and inv int64 with flat[order] sorted and order[inv] = arange(P). The sort runs on the
+    narrowest integer type that holds n_exp (a GPU radix sort makes one pass per key byte:
+    2 for <= 32767 experts against 8 for int64), and inv is a scatter, not a second sort.
+    The sorted ids come back in that narrow type."""
+    kd = (torch.int16 if n_exp <= torch.iinfo(torch.int16).max else
+          torch.int32 if n_exp <= torch.iinfo(torch.int32).max else torch.int64)
+    keys, order = torch.sort(flat.to(kd), stable=True)
+    inv = torch.empty_like(order).scatter_(
+        0, order, torch.arange(order.numel(), device=order.device))
+    return keys, order, inv
 
 
 class Permute(torch.autograd.Function):
