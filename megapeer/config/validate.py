@@ -99,7 +99,7 @@ def validate_config(cfg: Config, world_size: int, source: str = "<config>") -> N
                   f"({ck}^{len(sizes)} = {candidates})")
         if pe.topk_kernel == "triton" and len(sizes) != 2:
             _fail(source, "model.peer.topk_kernel", f"= triton needs two sub-key sets; "
-                  f"model.peer.num_experts = {sizes} has {len(sizes)} (use torch)")
+                  f"model.peer.num_experts = {sizes} has {len(sizes)} (use auto or torch)")
         n = math.prod(sizes)
         if n % p.expert:
             _fail(source, "model.peer.num_experts", f"total {n} is not divisible by "
