@@ -9,7 +9,8 @@ it was; small tensors left to torch; and the tiny MLA+PEER with bf16 parameters 
 tensor on the kernel) trained with it and without: main parameters and Adam moments after
 the first step within 1e-5 relative, model parameters equal to their rounded main
 parameters after every step, per-step losses within 1e-3 (bf16 parameters round the fp32
-differences).
+differences); and a checkpoint round trip (training/checkpointing.py) with the kernel
+stepping before and after it, bitwise equal to the run without the break.
 """
 import json
 import os
@@ -22,13 +23,13 @@ import torch
 from conftest import ROOT
 
 
-def _run(clip, fused):
+def _run(clip, fused, *more):
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "workers", "adam_check.py"),
-                        clip, fused], capture_output=True, text=True, env=env, cwd=ROOT,
+                        clip, fused, *more], capture_output=True, text=True, env=env, cwd=ROOT,
                        timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -55,3 +56,13 @@ def test_kernel_steps_like_torch_adamw(clip, fused):
     if clip == "0.05":
         folded = fused == "1" or torch.cuda.is_available()
         assert r["gmul_below_1"] == (r["kernel_calls"] if folded else 0), r
+
+
+def test_resume_through_a_checkpoint_is_exact(tmp_path):
+    """The kernel's optimizer state through training/checkpointing.py: 6 steps straight
+    equal 3 steps, a checkpoint, a fresh build that loads it and 3 more (losses and every
+    fp32 main parameter bitwise), with the kernel stepping after the load."""
+    r = _run("0.05", "1", str(tmp_path / "ckpt"))
+    assert r["kernel_calls_after"] > 0, r
+    assert r["after"] == r["straight"][3:], r
+    assert r["mains_equal"], r

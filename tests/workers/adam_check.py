@@ -7,7 +7,9 @@ the tiny MLA+PEER (bf16 parameters) trained with training.triton_adam on (every 
 the kernel: MIN_NUMEL 0) and off: per-step losses, kernel calls, whether every model
 parameter equalled its rounded main parameter after every step, and the largest relative
 difference of the main parameters and their Adam moments after the first step.
-  adam_check.py CLIP_GRAD FUSED   (FUSED 1: torch's fused Adam groups on a CPU as well)
+  adam_check.py CLIP_GRAD FUSED [RESUME_DIR]   (FUSED 1: torch's fused Adam groups on a CPU
+  as well; RESUME_DIR: instead, 6 steps straight against 3, a checkpoint there, a fresh
+  build loading it and 3 more, all with the kernel)
 """
 import json
 import os
@@ -93,16 +95,78 @@ def train(overrides, steps, on):
     return losses, copies_equal, first
 
 
+def resume(overrides, steps, cut, root):
+    """training.triton_adam through a checkpoint: `steps` steps straight, and the same run
+    saved after `cut` steps (training/checkpointing.py), rebuilt, loaded and continued.
+    Returns (losses straight, losses after the load, whether every main parameter ends
+    bitwise equal, kernel calls after the load)."""
+    from megapeer.config import load_config
+    from megapeer.models import build_model_chunks
+    from megapeer.models.gpt import param_dtype, transformer_config
+    from megapeer.parallel import init_model_parallel
+    from megapeer.training import checkpointing as ckpt
+    from megapeer.training.optimizer import build_optimizer, build_scheduler, optimizer_step
+    from megapeer.training.step import forward_backward, wrap_ddp
+    cfg = load_config(overrides=overrides + ["training.triton_adam=true"], world_size=1)
+    m, t = cfg.model, cfg.training
+    S, B = m.seq_length, t.micro_batch_size
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(steps):
+        toks = torch.randint(0, m.vocab_size, (B, S + 1), generator=g)
+        batches.append({"tokens": toks[:, :-1], "labels": toks[:, 1:],
+                        "loss_mask": torch.ones(B, S), "position_ids": torch.arange(S).expand(B, S)})
+
+    def build():
+        init_model_parallel(cfg.parallel, 1234)
+        tcfg = transformer_config(m, cfg.parallel, t)
+        ddp = wrap_ddp(build_model_chunks(cfg, tcfg), tcfg)
+        opt = build_optimizer(ddp, t, param_dtype(t))
+        return ddp, opt, build_scheduler(opt, t)
+
+    def run(ddp, opt, sched, its):
+        losses = []
+        for it in its:
+            for c in ddp:
+                c.zero_grad_buffer()
+            opt.zero_grad()
+            losses.append(float(forward_backward(ddp, [iter([batches[it]])], 1, S, B)))
+            optimizer_step(opt, t.clip_grad)
+            sched.step(increment=1)
+        return losses
+
+    def mains(opt):
+        return [b.detach().clone() for sub in getattr(opt, "chained_optimizers", [opt])
+                for grp in sub.fp32_from_float16_groups for b in grp]
+
+    ddp, opt, sched = build()
+    straight = run(ddp, opt, sched, range(steps))
+    end = mains(opt)
+    ddp, opt, sched = build()
+    run(ddp, opt, sched, range(cut))
+    ckpt.save_checkpoint(root, cut, ddp, opt, sched, {}, cfg)
+    ddp, opt, sched = build()
+    ckpt.load_checkpoint(os.path.join(root, ckpt.iter_name(cut)), ddp, opt, sched)
+    n0 = len(CALLS)
+    after = run(ddp, opt, sched, range(cut, steps))
+    same = all(torch.equal(a, b) for a, b in zip(mains(opt), end))
+    return straight, after, same, len(CALLS) - n0
+
+
+CALLS = []   # the clip factor of each kernel call (main's spy)
+
+
 def main():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    resume_dir = sys.argv[3] if len(sys.argv) > 3 else None
     small_taken = adam.takes(torch.zeros(adam.MIN_NUMEL - 1, device=dev),
                              torch.zeros(adam.MIN_NUMEL - 1, device=dev, dtype=torch.bfloat16))
-    ops = op_cases(dev, g)
+    ops = None if resume_dir else op_cases(dev, g)
     from megapeer.parallel import init_distributed
     init_distributed()
     adam.MIN_NUMEL = 0   # every size here (the tiny model's parameters included)
-    calls = []
+    calls = CALLS
     real = adam.adamw_copy_
 
     def spy(*a, **k):
@@ -115,6 +179,12 @@ def main():
         O._fusable = lambda p: True
     ov = TINY + TINY_PEER + ["training.precision=bf16", "training.global_batch_size=2",
                              "training.lr=3e-3", "training.clip_grad=" + sys.argv[1]]
+    if resume_dir:   # the checkpoint round trip only
+        straight, after, same, n = resume(ov + ["training.train_iters=6",
+                                                "training.warmup_iters=2"], 6, 3, resume_dir)
+        print(json.dumps({"straight": straight, "after": after, "mains_equal": same,
+                          "kernel_calls_after": n}))
+        return
     fast, fast_eq, fast1 = train(ov, 4, True)
     n_fast = len(calls)
     plain, plain_eq, plain1 = train(ov, 4, False)
