@@ -227,11 +227,17 @@ def _fits(n0, n1, ck, k):
     return _config(n0, n1, ck, k) is not None
 
 
+def _kernel_config(s0, s1, ck, k):
+    """The kernel's block sizes for these (valid) inputs, or None where the reference runs."""
+    if (s0.dtype in KERNEL_DTYPES and s1.dtype in KERNEL_DTYPES
+            and (s0.is_cuda or interpret()) and available()):
+        return _config(s0.shape[1], s1.shape[1], ck, k)
+    return None
+
+
 def uses_kernel(s0, s1, ck, k) -> bool:
     """Whether product_topk runs the Triton kernel for these (valid) inputs."""
-    return (s0.dtype in KERNEL_DTYPES and s1.dtype in KERNEL_DTYPES
-            and (s0.is_cuda or interpret()) and _fits(s0.shape[1], s1.shape[1], ck, k)
-            and available())
+    return _kernel_config(s0, s1, ck, k) is not None
 
 
 def _clean(x):
@@ -257,7 +263,8 @@ def product_topk(s0, s1, ck, k):
     Needs no host-GPU synchronisation; s0, s1 may be strided views.
     """
     _check(s0, s1, ck, k)
-    if not uses_kernel(s0, s1, ck, k):
+    cfg = _kernel_config(s0, s1, ck, k)
+    if cfg is None:
         return product_topk_ref(s0, s1, ck, k)
     R, n0 = s0.shape
     n1 = s1.shape[1]
@@ -265,7 +272,6 @@ def product_topk(s0, s1, ck, k):
     i1 = torch.empty((R, k), dtype=torch.int64, device=s0.device)
     if R == 0:
         return i0, i1
-    cfg = _config(n0, n1, ck, k)
     triton, kernel = _k()
     kernel[(triton.cdiv(R, cfg["BR"]),)](
         s0, s1, i0, i1, R, n0, n1, ck, k, s0.stride(0), s0.stride(1), s1.stride(0), s1.stride(1),
