@@ -169,7 +169,7 @@ class PEER(MegatronModule):
         return self._topk_op and (self.peer.topk_kernel == "triton" or x.is_cuda)
 
     def _gated(self, cand_i, cand_s, x):
-        s32 = cand_s.to(torch.promote_types(cand_s.dtype, torch.float32))
+        s32 = _up(cand_s)
         if self.peer.score_fn == "softmax":
             gates = torch.softmax(s32, dim=-1).to(x.dtype)
         else:

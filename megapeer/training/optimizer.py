@@ -175,10 +175,11 @@ def optimizer_step(optimizer, clip_grad: float):
     if not math.isfinite(norm):
         return False, norm
     adams, gmul = [], 1.0
-    if clip_grad > 0 and clip_grad / (norm + 1.0e-6) < 1.0:   # Megatron's clip coefficient
+    coef = clip_grad / (norm + 1.0e-6)    # Megatron's clip coefficient
+    if clip_grad > 0 and coef < 1.0:
         adams = _all_fused(optimizer)
-        gmul = clip_grad / (norm + 1.0e-6) if adams else 1.0
-        if adams:   # the fused kernel divides the gradients as it reads them
+        if adams:   # the fused kernel divides the gradients as it reads them;
+            gmul = coef   # the Triton Adam multiplies them by gmul
             scale = torch.full((), (norm + 1.0e-6) / clip_grad, dtype=torch.float32,
                                device=adams[0].param_groups[0]["params"][0].device)
             for inner in adams:

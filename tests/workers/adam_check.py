@@ -55,40 +55,61 @@ def op_cases(dev, g):
     return out
 
 
-def train(overrides, steps, on):
-    from megapeer.config import load_config
+def _batches(m, t, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    S, B = m.seq_length, t.micro_batch_size
+    out = []
+    for _ in range(steps):
+        toks = torch.randint(0, m.vocab_size, (B, S + 1), generator=g)
+        out.append({"tokens": toks[:, :-1], "labels": toks[:, 1:], "loss_mask": torch.ones(B, S),
+                    "position_ids": torch.arange(S).expand(B, S)})
+    return out
+
+
+def _build(cfg):
+    """(DDP chunks, Megatron optimizer) of cfg's model, seeded the same every time."""
     from megapeer.models import build_model_chunks
     from megapeer.models.gpt import param_dtype, transformer_config
     from megapeer.parallel import init_model_parallel
-    from megapeer.training.optimizer import build_optimizer, optimizer_step
-    from megapeer.training.step import forward_backward, wrap_ddp
+    from megapeer.training.optimizer import build_optimizer
+    from megapeer.training.step import wrap_ddp
+    init_model_parallel(cfg.parallel, 1234)
+    tcfg = transformer_config(cfg.model, cfg.parallel, cfg.training)
+    ddp = wrap_ddp(build_model_chunks(cfg, tcfg), tcfg)
+    return ddp, build_optimizer(ddp, cfg.training, param_dtype(cfg.training))
+
+
+def _step(cfg, ddp, opt, batch):
+    """One training step as the trainer runs it; returns the loss."""
+    from megapeer.training.optimizer import optimizer_step
+    from megapeer.training.step import forward_backward
+    for c in ddp:
+        c.zero_grad_buffer()
+    opt.zero_grad()
+    loss = forward_backward(ddp, [iter([batch])], 1, cfg.model.seq_length,
+                            cfg.training.micro_batch_size)
+    optimizer_step(opt, cfg.training.clip_grad)
+    return float(loss)
+
+
+def _subs(opt):
+    return getattr(opt, "chained_optimizers", [opt])
+
+
+def train(overrides, steps, on):
+    from megapeer.config import load_config
     cfg = load_config(overrides=overrides + [f"training.triton_adam={str(on).lower()}"],
                       world_size=1)
-    init_model_parallel(cfg.parallel, 1234)
-    m, t = cfg.model, cfg.training
-    tcfg = transformer_config(m, cfg.parallel, t)
-    ddp = wrap_ddp(build_model_chunks(cfg, tcfg), tcfg)
-    opt = build_optimizer(ddp, t, param_dtype(t))
-    S, B = m.seq_length, t.micro_batch_size
-    g = torch.Generator().manual_seed(0)
+    ddp, opt = _build(cfg)
     losses, copies_equal, first = [], True, None
-    for it in range(steps):
-        toks = torch.randint(0, m.vocab_size, (B, S + 1), generator=g)
-        batch = {"tokens": toks[:, :-1], "labels": toks[:, 1:], "loss_mask": torch.ones(B, S),
-                 "position_ids": torch.arange(S).expand(B, S)}
-        for c in ddp:
-            c.zero_grad_buffer()
-        opt.zero_grad()
-        loss = forward_backward(ddp, [iter([batch])], 1, S, B)
-        optimizer_step(opt, t.clip_grad)
-        losses.append(float(loss))
-        subs = getattr(opt, "chained_optimizers", [opt])
-        for sub in subs:
+    for it, batch in enumerate(_batches(cfg.model, cfg.training, steps, 0)):
+        losses.append(_step(cfg, ddp, opt, batch))
+        for sub in _subs(opt):
             for models, mains in zip(sub.float16_groups, sub.fp32_from_float16_groups):
                 for a, b in zip(models, mains):
                     copies_equal &= bool(torch.equal(a, b.to(a.dtype)))
         if it == 0:   # main parameters and their Adam moments
-            first = [x.detach().clone() for sub in subs
+            first = [x.detach().clone() for sub in _subs(opt)
                      for grp in sub.fp32_from_float16_groups for b in grp
                      for x in (b, sub.optimizer.state[b]["exp_avg"],
                                sub.optimizer.state[b]["exp_avg_sq"])]
@@ -101,42 +122,24 @@ def resume(overrides, steps, cut, root):
     Returns (losses straight, losses after the load, whether every main parameter ends
     bitwise equal, kernel calls after the load)."""
     from megapeer.config import load_config
-    from megapeer.models import build_model_chunks
-    from megapeer.models.gpt import param_dtype, transformer_config
-    from megapeer.parallel import init_model_parallel
     from megapeer.training import checkpointing as ckpt
-    from megapeer.training.optimizer import build_optimizer, build_scheduler, optimizer_step
-    from megapeer.training.step import forward_backward, wrap_ddp
+    from megapeer.training.optimizer import build_scheduler
     cfg = load_config(overrides=overrides + ["training.triton_adam=true"], world_size=1)
-    m, t = cfg.model, cfg.training
-    S, B = m.seq_length, t.micro_batch_size
-    g = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(steps):
-        toks = torch.randint(0, m.vocab_size, (B, S + 1), generator=g)
-        batches.append({"tokens": toks[:, :-1], "labels": toks[:, 1:],
-                        "loss_mask": torch.ones(B, S), "position_ids": torch.arange(S).expand(B, S)})
+    batches = _batches(cfg.model, cfg.training, steps, 1)
 
     def build():
-        init_model_parallel(cfg.parallel, 1234)
-        tcfg = transformer_config(m, cfg.parallel, t)
-        ddp = wrap_ddp(build_model_chunks(cfg, tcfg), tcfg)
-        opt = build_optimizer(ddp, t, param_dtype(t))
-        return ddp, opt, build_scheduler(opt, t)
+        ddp, opt = _build(cfg)
+        return ddp, opt, build_scheduler(opt, cfg.training)
 
     def run(ddp, opt, sched, its):
         losses = []
         for it in its:
-            for c in ddp:
-                c.zero_grad_buffer()
-            opt.zero_grad()
-            losses.append(float(forward_backward(ddp, [iter([batches[it]])], 1, S, B)))
-            optimizer_step(opt, t.clip_grad)
+            losses.append(_step(cfg, ddp, opt, batches[it]))
             sched.step(increment=1)
         return losses
 
     def mains(opt):
-        return [b.detach().clone() for sub in getattr(opt, "chained_optimizers", [opt])
+        return [b.detach().clone() for sub in _subs(opt)
                 for grp in sub.fp32_from_float16_groups for b in grp]
 
     ddp, opt, sched = build()

@@ -214,7 +214,7 @@ class PEER(nn.Module):
             keep = self.topk if i == last else min(comb_s.shape[-1], max(ck, self.topk))
             cand_s, pos = comb_s.topk(keep, dim=-1)
             cand_i = comb_i.gather(-1, pos)
-        s32 = cand_s.to(torch.promote_types(cand_s.dtype, torch.float32))
+        s32 = _up(cand_s)
         gates = torch.softmax(s32, dim=-1) if self.score_fn == "softmax" else torch.sigmoid(s32)
         return cand_i, gates.to(x.dtype)
 
