@@ -3,14 +3,15 @@ bf16 model parameter, one Triton pass.
 
 The worker (tests/workers/adam_check.py; on a CPU in the Triton interpreter, on a GPU
 natively) checks: the kernel's p, m, v against torch's AdamW (fresh random tensors and
-state, with and without weight decay and a clip factor, sizes below, at and across the
-block size) within 2e-6 relative, the model copy equal to p rounded, the gradient left as
-it was; small tensors left to torch; and the tiny MLA+PEER with bf16 parameters (every
-tensor on the kernel) trained with it and without: main parameters and Adam moments after
-the first step within 1e-5 relative, model parameters equal to their rounded main
-parameters after every step, per-step losses within 1e-3 (bf16 parameters round the fp32
-differences); and a checkpoint round trip (training/checkpointing.py) with the kernel
-stepping before and after it, bitwise equal to the run without the break.
+state, with and without weight decay and a clip factor, sizes below, at and across the block
+size) within 2e-6 relative (the moments: to the size of their update's terms), the model
+copy equal to p rounded, the gradient left as it was; small tensors left to torch; and the
+tiny MLA+PEER with bf16 parameters (every tensor on the kernel) trained with it and without:
+main parameters and Adam moments after the first step within 1e-5 relative, model parameters
+equal to their rounded main parameters after every step, per-step losses within 1e-3 (bf16
+parameters round the fp32 differences); and a checkpoint round trip
+(training/checkpointing.py) with the kernel stepping before and after it, bitwise equal to
+the run without the break.
 """
 import json
 import os

@@ -22,8 +22,11 @@ from bench.train_throughput import TINY, TINY_PEER  # noqa: E402
 from megapeer.ops import adam  # noqa: E402
 
 
-def _rel(a, b):
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+def _rel(a, b, scale=None):
+    """max |a - b| over the largest |b|, or over the largest of `scale` where the update's
+    terms cancel (a moment's new value can be far smaller than the terms that make it)."""
+    s = (b if scale is None else scale).double().abs().max().clamp_min(1e-30)
+    return float((a.double() - b.double()).abs().max() / s)
 
 
 def op_cases(dev, g):
@@ -48,7 +51,8 @@ def op_cases(dev, g):
             adam.adamw_copy_(P, G, M, Vv, out16, step, lr, b1, b2, eps, wd, gmul)
             st = opt.state[ref]
             out[f"n{n}_wd{wd}_g{gmul}_t{t}"] = {
-                "p": _rel(P.cpu(), ref.detach()), "m": _rel(M.cpu(), st["exp_avg"]),
+                "p": _rel(P.cpu(), ref.detach()),
+                "m": _rel(M.cpu(), st["exp_avg"], b1 * m.abs() + (1 - b1) * (grad * gmul).abs()),
                 "v": _rel(Vv.cpu(), st["exp_avg_sq"]),
                 "copy": bool(torch.equal(out16, P.to(torch.bfloat16))),
                 "grad_kept": bool(torch.equal(G.cpu(), grad))}
