@@ -42,15 +42,11 @@ def naive_peer(x, query_w, norm, keys, U, V, sizes, heads, topk, m, act, score_f
 
 
 def _layer(world1, **kw):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megapeer.models.peer import PEER
     from megapeer.parallel import init_model_parallel
     from megapeer.config import ParallelConfig
     init_model_parallel(ParallelConfig(), seed=7)
-    return _peer(**kw)
-
-
-def _peer(**kw):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-    from megapeer.models.peer import PEER
     cfg = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2,
                             init_method_std=0.5, use_cpu_initialization=True)
     return PEER(cfg, PEERConfig(**kw)).double()
@@ -124,16 +120,15 @@ def test_bf16_retrieval_ranks_fp32_sums(world1, mode):
 
 def test_cpu_initialization_keeps_the_layer_on_the_cpu(world1, monkeypatch):
     """use_cpu_initialization (Megatron's convention, these tests' layers) keeps PEER's
-    parameters on the CPU on a machine with a GPU too (here: CUDA reported available; the
-    guard is set after Megatron's RNG set-up, which asks for the GPU where there is one)."""
-    def no_gpu():
-        raise AssertionError("PEER asked for the current GPU")
-    from megapeer.parallel import init_model_parallel
-    from megapeer.config import ParallelConfig
-    init_model_parallel(ParallelConfig(), seed=7)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", no_gpu)
-    layer = _peer(num_experts=[4, 4], heads=2, topk=3, key_dim=8)
+    parameters on the CPU on a machine with a GPU too. On a CPU machine CUDA is reported
+    available and asking for the current GPU fails; on a GPU machine (where Megatron's RNG
+    tracker asks for it) the parameters' device is the check."""
+    if not torch.cuda.is_available():
+        def no_gpu():
+            raise AssertionError("PEER asked for the current GPU")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", no_gpu)
+    layer = _layer(world1, num_experts=[4, 4], heads=2, topk=3, key_dim=8)
     assert {p.device.type for p in layer.parameters()} == {"cpu"}
 
 
