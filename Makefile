@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 EXTRAS  ?= dev,data,hf,tb,eval
 STAMP   := $(VENV)/.megapeer-installed
 
-.PHONY: venv test test-fast demo clean check-cuda
+.PHONY: venv test demo clean check-cuda
 
 $(VPY):
 	$(PY) -m venv $(VENV)
