@@ -63,15 +63,3 @@ def assert_trains_like_reference(tmp_path, kernel, env=None, steps=4, timeout=90
         assert sorted(ref) == [str(s) for s in range(1, steps + 1)] and sorted(got) == sorted(ref)
         for s in ref:
             assert abs(got[s] - ref[s]) <= tol * abs(ref[s]), (key, s, got[s], ref[s])
-
-
-
-# Files whose module fixture is costly (a whole layout sweep, a Slurm cluster) keep all their
-# tests on one pytest-xdist worker (`make test` runs `-n 2 --dist loadgroup`).
-_ONE_WORKER = {"test_parallel.py", "test_hf_layouts.py", "test_slurm.py"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in _ONE_WORKER:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
