@@ -222,11 +222,6 @@ def _config(n0, n1, ck, k):
                 LOGK=_log2(kp), num_warps=4 if br > 1 else max(1, row // 1024))
 
 
-def _fits(n0, n1, ck, k):
-    """Whether the kernel takes these sizes (else the reference runs; never a wrong answer)."""
-    return _config(n0, n1, ck, k) is not None
-
-
 def _kernel_config(s0, s1, ck, k):
     """The kernel's block sizes for these (valid) inputs, or None where the reference runs."""
     if (s0.dtype in KERNEL_DTYPES and s1.dtype in KERNEL_DTYPES
