@@ -187,7 +187,7 @@ def train(cfg):
     world = torch.distributed.get_world_size()
     tokens_per_step = t.global_batch_size * m.seq_length
     flag = _SignalFlag(cfg.checkpoint.save_on_signal)
-    if cfg.checkpoint.save and cfg.checkpoint.save_on_signal:  # ~4 s: a spawned process
+    if cfg.checkpoint.save and cfg.checkpoint.save_on_signal:  # spawns a process: seconds
         ckpt.start_signal_proof_writer_helper()
     faults = _fault_steps()
     nonfinite_run = 0
