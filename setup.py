@@ -107,7 +107,7 @@ setup(
         "tb": ["tensorboard"],
         "kernels": ["nvidia-cutlass==4.2.0.0"],
     },
-    entry_points={"console_scripts": ["megapeer=megapeer.cli:main"]},
+    entry_points={"console_scripts": ["megapeer=megapeer.cli:console_main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -82,5 +82,11 @@ def main(argv=None) -> int:
     return 2
 
 
+def console_main():
+    """The `megapeer` console script."""
+    from .train import exit_quickly
+    exit_quickly(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

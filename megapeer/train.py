@@ -57,5 +57,14 @@ def main(argv=None, prog="megapeer train"):
     return 0
 
 
+def exit_quickly(code):
+    """sys.exit(code) for a process that is done: gc.freeze() first, so that the
+    interpreter's last collections skip the ~450k objects of torch, Dynamo and
+    Megatron-Core (~0.9 of the ~1.3 s that exiting took on a CI core)."""
+    import gc
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quickly(main())

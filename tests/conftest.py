@@ -28,6 +28,28 @@ def torchrun(script, args, nproc, timeout=600, env=None):
     return p
 
 
+# tests/workers/parallel_check.py's model with experts 128 wide (the grouped kernels'
+# expert-ordered form)
+WIDE = "model.peer.num_experts=[4,4] model.peer.expert_hidden=128"
+
+
+@pytest.fixture(scope="session")
+def wide_reference(tmp_path_factory):
+    """A folder with parallel_check.py's single-process reference (initial checkpoint,
+    loss, gradients) for the WIDE model, shared by the layout tests that use it."""
+    out = tmp_path_factory.mktemp("wide_reference")
+    torchrun("parallel_check.py", ["reference", str(out)], 1, env={"PARALLEL_EXTRA": WIDE})
+    return out
+
+
+def use_reference(reference, folder):
+    """Copy a parallel_check.py reference into folder (its layouts stage writes there)."""
+    import shutil
+    shutil.copytree(reference / "ckpt_ref", folder / "ckpt_ref")
+    for name in ("ref_grads.pt", "reference.json"):
+        shutil.copy(reference / name, folder / name)
+
+
 def write_indexed(prefix, docs):
     """A Megatron indexed dataset (uint16 tokens) with one document per list in docs."""
     import numpy as np

@@ -14,9 +14,9 @@ import torch
 
 from megapeer.config import LoggingConfig, WandbConfig
 from megapeer.training import metrics as metrics_mod
-from megapeer.training.expert_usage import plot_expert_usage, usage_stats
+from megapeer.training.expert_usage import usage_stats
 from megapeer.training.metrics import MetricsLogger, wandb_run_id
-from megapeer.training.plots import plot_run
+from megapeer.training.plots import plot_expert_usage, plot_run
 
 from conftest import torchrun
 
@@ -181,3 +181,28 @@ def test_plots(tmp_path):
     assert cli.main([run, "--out", other]) == 0 and os.path.getsize(other) > 30_000
     with pytest.raises(ValueError):
         plot_expert_usage({}, str(tmp_path / "none.png"))
+
+
+def test_plot_worker_draws_in_another_process_and_reports_failures(tmp_path, caplog):
+    """The trainer's figures come from the plot worker (a spawned process): close() waits
+    for each queued figure; a figure that cannot be drawn is a warning naming it, and the
+    figures queued after it are still drawn."""
+    from megapeer.training.plot_worker import PlotWorker
+    run = str(tmp_path / "run")
+    log = MetricsLogger(LoggingConfig(run_dir=run), run, CFG, 20, True)
+    for step in (10, 20):
+        log.log_step(step, {"loss": 3.0 - step / 20, "lr": 1e-3})
+    log.log_expert_usage(20, _usage())
+    worker = log._plots._proc
+    assert worker is not None and worker.pid != os.getpid()
+    log._plot("plot_run", str(tmp_path / "no_such_run"))    # no metrics.jsonl: fails
+    log.plot_run()
+    with caplog.at_level("WARNING", logger="megapeer.train"):
+        log.close()
+    assert not worker.is_alive()
+    assert os.path.getsize(os.path.join(run, "expert_usage", "step_000020.png")) > 20_000
+    assert os.path.getsize(os.path.join(run, "plots", "training.png")) > 30_000
+    bad = [r.getMessage() for r in caplog.records if "could not plot" in r.getMessage()]
+    assert len(bad) == 1 and "no_such_run" in bad[0] and "metrics.jsonl" in bad[0], bad
+    with pytest.raises(ValueError, match="unknown plot job"):
+        PlotWorker().submit("rm_rf", run)

@@ -94,19 +94,18 @@ def test_grouped_kernels_train_like_reference(tmp_path):
 
 
 @pytest.mark.timeout(900)
-def test_expert_ordered_form_in_parallel_layouts(tmp_path):
+def test_expert_ordered_form_in_parallel_layouts(tmp_path, wide_reference):
     """The tiny MLA+PEER of tests/test_parallel.py with experts 128 wide: the single-process
     reference path's loss and gradients against the grouped kernels' expert-ordered form
     (Triton interpreter on a CPU) under TP2, EP2 and DP2 (1e-5 loss, 1e-4 gradients)."""
     import torch
 
-    from conftest import torchrun
+    from conftest import WIDE, torchrun, use_reference
     if torch.cuda.is_available():
         pytest.skip("CPU check (Triton interpreter); GPU layouts: bench/layout_scaling.py")
-    wide = "model.peer.num_experts=[4,4] model.peer.expert_hidden=128"
-    torchrun("parallel_check.py", ["reference", str(tmp_path)], 1, env={"PARALLEL_EXTRA": wide})
+    use_reference(wide_reference, tmp_path)
     torchrun("parallel_check.py", ["layouts", str(tmp_path), "tp2,ep2,dp2"], 2,
-             env={"PARALLEL_EXTRA": wide + " model.peer.kernel=grouped", "TRITON_INTERPRET": "1"})
+             env={"PARALLEL_EXTRA": WIDE + " model.peer.kernel=grouped", "TRITON_INTERPRET": "1"})
     ref = json.loads((tmp_path / "reference.json").read_text())
     got = json.loads((tmp_path / "layouts.json").read_text())
     for layout in ("tp2", "ep2", "dp2"):

@@ -23,7 +23,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, torchrun
+from conftest import ROOT, WIDE, torchrun, use_reference
 
 triton = pytest.importorskip("triton", reason="the grouped PEER kernels need Triton")
 
@@ -58,7 +58,7 @@ def test_deferred_table_grads_match_per_micro_batch():
 
 
 @pytest.mark.timeout(900)
-def test_deferred_table_grads_in_parallel_layouts(tmp_path):
+def test_deferred_table_grads_in_parallel_layouts(tmp_path, wide_reference):
     """One training step through Megatron's schedule with model.peer.defer_table_grads=3
     (4 micro-batches on one rank, 2 per rank under DP2, also with the reduction overlapped
     with the backward; under PP2 the 1F1B schedule; under TP2 the tables' column slices,
@@ -66,9 +66,8 @@ def test_deferred_table_grads_in_parallel_layouts(tmp_path):
     import torch
     if torch.cuda.is_available():
         pytest.skip("CPU check (Triton interpreter)")
-    wide = "model.peer.num_experts=[4,4] model.peer.expert_hidden=128"
-    torchrun("parallel_check.py", ["reference", str(tmp_path)], 1, env={"PARALLEL_EXTRA": wide})
-    env = {"PARALLEL_EXTRA": wide + " model.peer.kernel=grouped model.peer.defer_table_grads=3",
+    use_reference(wide_reference, tmp_path)
+    env = {"PARALLEL_EXTRA": WIDE + " model.peer.kernel=grouped model.peer.defer_table_grads=3",
            "TRITON_INTERPRET": "1"}
     layouts = ("dp2", "dp2overlap", "pp2", "tp2", "ep2")
     torchrun("parallel_check.py", ["layouts", str(tmp_path), ",".join(layouts)], 2, env=env)

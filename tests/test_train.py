@@ -373,6 +373,27 @@ def test_checkpoint_writer_helper_ignores_sigterm_and_exits_with_a_killed_traine
             helper.kill()
 
 
+def test_writer_helper_starts_in_the_background_and_a_failed_start_is_named(monkeypatch):
+    """The trainer starts the writer helper in a thread (the first save waits for it); a
+    start that failed is raised at that save, naming the helper and the cause."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megapeer.training import checkpointing as c
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)
+    monkeypatch.setattr(c, "_WRITER_MANAGER", None)
+    monkeypatch.setattr(c, "_WRITER_START", None)
+
+    def fail():
+        time.sleep(0.2)
+        raise OSError("no more processes")
+    monkeypatch.setattr(c, "_start_writer_helper", fail)
+    c.start_signal_proof_writer_helper(background=True)
+    assert c._WRITER_START is not None                   # returned before the start ended
+    with pytest.raises(RuntimeError, match="checkpoint-writer helper did not start.*no more"):
+        c.wait_for_writer_helper()
+    c.wait_for_writer_helper()                           # reported once; then a no-op
+
+
 def test_sigusr2_prints_every_stack_and_the_run_goes_on():
     """megapeer.train's debug hook: SIGUSR2 dumps all threads' Python stacks to stderr
     (a hung rank) without stopping the process; USR1 stays the checkpoint-and-stop signal."""

@@ -207,6 +207,7 @@ def save_checkpoint(ckpt_root, iteration, chunks, optimizer, scheduler, train_st
     import shutil
 
     from ..config import save_config
+    wait_for_writer_helper()
     rank = torch.distributed.get_rank()
     it_dir = os.path.join(ckpt_root, iter_name(iteration))
     if rank == 0:
@@ -296,9 +297,10 @@ def find_resume_point(ckpt_cfg, ckpt_root):
 
 
 _WRITER_MANAGER = None
+_WRITER_START = None    # (thread, [error]) of a start in the background
 
 
-def start_signal_proof_writer_helper():
+def start_signal_proof_writer_helper(background=False):
     """Start Megatron's persistent checkpoint-writer helper ourselves, with SIGTERM and
     SIGUSR1 blocked in it.
 
@@ -307,31 +309,57 @@ def start_signal_proof_writer_helper():
     a job step, so on requeue/pre-emption that helper would die and the very save the
     signal asked for would fail (BrokenPipeError). The helper exits by itself once the
     trainer process is gone (killed with SIGKILL, for instance).
+
+    background=True returns at once; save_checkpoint waits for the start
+    (wait_for_writer_helper) before its first write.
     """
+    global _WRITER_START
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    if (_WRITER_MANAGER is not None or _WRITER_START is not None
+            or filesystem_async._results_queue is not None):
+        return
+    if not background:
+        _start_writer_helper()
+        return
+    import threading
+    error = []
+
+    def run():
+        try:
+            _start_writer_helper()
+        except BaseException as e:  # re-raised by wait_for_writer_helper
+            error.append(e)
+    thread = threading.Thread(target=run, name="start-checkpoint-writer", daemon=True)
+    _WRITER_START = (thread, error)
+    thread.start()
+
+
+def wait_for_writer_helper():
+    """Block until a background start of the writer helper is done (no-op otherwise)."""
+    global _WRITER_START
+    if _WRITER_START is None:
+        return
+    thread, error = _WRITER_START
+    thread.join()
+    _WRITER_START = None
+    if error:
+        raise RuntimeError(f"the checkpoint-writer helper did not start: {error[0]!r}") \
+            from error[0]
+
+
+def _start_writer_helper():
     global _WRITER_MANAGER
     import multiprocessing as mp
     import signal
     from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
-    if _WRITER_MANAGER is not None or filesystem_async._results_queue is not None:
-        return
-    _WRITER_MANAGER = SyncManager(ctx=mp.get_context("spawn"))
-    _WRITER_MANAGER.start(_writer_helper_init, ({signal.SIGTERM, signal.SIGUSR1}, os.getpid()))
-    filesystem_async._results_queue = _WRITER_MANAGER.Queue()
 
-
-def _writer_helper_init(blocked, trainer_pid):
-    """In the helper: block `blocked`, and exit once the trainer is gone. A trainer killed
-    with SIGKILL (OOM killer, kill -9) cannot shut the helper down, and the helper ignores
-    SIGTERM, so without this it would outlive the job."""
-    import signal
-    import threading
-    import time
-    signal.pthread_sigmask(signal.SIG_BLOCK, blocked)  # threads started below inherit it
-
-    def watch():
-        while os.getppid() == trainer_pid:
-            time.sleep(1.0)
-        os._exit(0)
-    threading.Thread(target=watch, name="exit-with-trainer", daemon=True).start()
+    from .helper_process import guard
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    # the helper unpickles the write results (torch.distributed.checkpoint types) at the
+    # first save: import them while the trainer builds its model and data
+    manager.start(guard, ({signal.SIGTERM, signal.SIGUSR1}, os.getpid(),
+                          ("torch.distributed.checkpoint",)))
+    filesystem_async._results_queue = manager.Queue()
+    _WRITER_MANAGER = manager

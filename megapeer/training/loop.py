@@ -187,8 +187,8 @@ def train(cfg):
     world = torch.distributed.get_world_size()
     tokens_per_step = t.global_batch_size * m.seq_length
     flag = _SignalFlag(cfg.checkpoint.save_on_signal)
-    if cfg.checkpoint.save and cfg.checkpoint.save_on_signal:  # spawns a process: seconds
-        ckpt.start_signal_proof_writer_helper()
+    if cfg.checkpoint.save and cfg.checkpoint.save_on_signal:  # the first save waits for it
+        ckpt.start_signal_proof_writer_helper(background=True)
     faults = _fault_steps()
     nonfinite_run = 0
     last_saved = state["iteration"] if resume_dir else -1
@@ -275,14 +275,9 @@ def train(cfg):
             metrics.close()
             state["stopped_by_signal"] = sig
             return state
+    metrics.plot_run()  # drawn by the plot worker while the last checkpoint is written
     save(it)
-    metrics.close()
-    if rank == 0:
-        try:
-            from .plots import plot_run
-            plot_run(run_dir)
-        except Exception as e:  # plotting must never fail a finished run
-            log.warning("could not plot the run: %s", e)
+    metrics.close()     # waits for the figures
     return state
 
 

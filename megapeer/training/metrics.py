@@ -12,9 +12,14 @@ import json
 import math
 import os
 import re
+import logging
 import time
 
 import torch
+
+from .plot_worker import PlotWorker
+
+log = logging.getLogger("megapeer.train")
 
 _EMA = 0.3  # weight of the newest step time in the smoothed step time
 
@@ -62,6 +67,7 @@ class MetricsLogger:
         tr, md = config_dict.get("training", {}), config_dict.get("model", {})
         gbs, seq = tr.get("global_batch_size"), md.get("seq_length")
         self._tokens_per_step = gbs * seq if gbs and seq else None
+        self._plots = PlotWorker()
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -151,7 +157,6 @@ class MetricsLogger:
         """`usage` from collect_expert_usage: scalars, histograms and a PNG per call."""
         if not self.enabled or not usage:
             return
-        from .expert_usage import save_usage_plots
         flat = {}
         for layer, s in sorted(usage.items()):
             for k in ("fraction_used", "kl_uniform", "dead", "selections", "score_mean",
@@ -167,7 +172,10 @@ class MetricsLogger:
                                  wandb.Histogram(counts.numpy(), num_bins=64)}, step=int(step))
             if self._tb is not None:
                 self._tb.add_histogram(f"peer/layer{layer}/counts", counts, int(step))
-        path = save_usage_plots(usage, self.run_dir, step)
+        figure = {layer: {k: (v.float().cpu().numpy() if torch.is_tensor(v) else v)
+                          for k, v in stats.items()} for layer, stats in usage.items()}
+        self._plot("save_usage_plots", figure, self.run_dir, step)
+        path = os.path.join(self.run_dir, "expert_usage", f"step_{step:06d}.png")
         summary = ", ".join(f"L{layer} used {s['fraction_used']:.0%} kl {s['kl_uniform']:.2f}"
                             for layer, s in sorted(usage.items()))
         print(f"expert usage step {step} | {summary} | {path}", flush=True)
@@ -192,7 +200,19 @@ class MetricsLogger:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
+    def plot_run(self):
+        """Queue run_dir/plots/training.png (drawn by the plot worker; close() waits)."""
+        if self.enabled:
+            self._plot("plot_run", self.run_dir)
+
+    def _plot(self, name, *args):
+        try:
+            self._plots.submit(name, *args)
+        except Exception as e:  # figures must never fail a run
+            log.warning("could not plot (%s): %s", name, e)
+
     def close(self):
+        """Close the W&B and TensorBoard sinks, then wait for the queued figures."""
         if not self.enabled:
             return
         if self._tb is not None:
@@ -205,3 +225,4 @@ class MetricsLogger:
             # finish() can return before the service has written the run's file; teardown
             # waits for it (wandb's own atexit hook is unreliable under torchrun workers).
             wandb.teardown()
+        self._plots.close()

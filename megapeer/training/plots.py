@@ -1,7 +1,9 @@
-"""Training curves from run_dir/metrics.jsonl -> run_dir/plots/training.png."""
+"""Figures of a run: training curves (run_dir/plots/training.png) and PEER expert usage
+(run_dir/expert_usage/). numpy and matplotlib only: the plot worker imports this module."""
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 
@@ -92,3 +94,60 @@ def save_figure(fig, path_png, dpi=90):
     fig.savefig(tmp, dpi=dpi)
     os.replace(tmp, path_png)
     return path_png
+
+
+def plot_expert_usage(usage, path_png, step=None):
+    """Per layer: sorted selection counts (log scale) and a histogram of counts."""
+    from matplotlib.figure import Figure
+
+    layers = sorted(usage)
+    if not layers:
+        raise ValueError("no expert usage to plot")
+    fig = Figure(figsize=(11, 3.2 * len(layers)), layout="constrained")
+    axes = fig.subplots(len(layers), 2, squeeze=False)
+    for row, layer in zip(axes, layers):
+        s = usage[layer]
+        counts = np.asarray(s["counts"])
+        n = counts.size
+        srt = np.sort(counts)[::-1]
+        # at most ~4000 points: the curve of a million experts needs no more
+        pick = np.unique(np.linspace(0, n - 1, min(n, 4000)).astype(np.int64))
+        x = pick / max(n - 1, 1)
+        y = srt[pick]
+        ax = row[0]
+        pos = y > 0
+        ax.plot(x[pos], y[pos], lw=1.5, color="C0", label="selections")
+        uniform = s["selections"] / n if n else 0
+        if uniform > 0:
+            ax.axhline(uniform, color="C3", ls="--", lw=1, label=f"uniform ({uniform:.3g})")
+        if s["dead"]:
+            ax.axvline(s["fraction_used"], color="0.5", ls=":", lw=1,
+                       label=f"never selected beyond here ({s['dead']})")
+        ax.set_yscale("log")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("experts, most to least selected (fraction of N)")
+        ax.set_ylabel("times selected")
+        ax.legend(fontsize=8, loc="upper right")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"layer {layer}: used {s['fraction_used']:.1%} of {n}, "
+                     f"KL from uniform {s['kl_uniform']:.3f}, dead {s['dead']}", fontsize=10)
+
+        ax = row[1]
+        ax.hist(counts, bins=min(60, max(int(counts.max()) + 1, 1)), color="C0")
+        ax.set_yscale("log")
+        ax.set_xlabel("times selected in window")
+        ax.set_ylabel("number of experts")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"score {s['score_mean']:.3f} +/- {s['score_std']:.3f}, "
+                     f"mean max gate {s['gate_max_mean']:.3f}", fontsize=10)
+    title = "PEER expert usage" + (f" at step {step}" if step is not None else "")
+    fig.suptitle(title)
+    return save_figure(fig, path_png)
+
+
+def save_usage_plots(usage, run_dir, step):
+    """run_dir/expert_usage/step_XXXXXX.png and a copy as latest.png; returns the step path."""
+    d = os.path.join(run_dir, "expert_usage")
+    path = plot_expert_usage(usage, os.path.join(d, f"step_{step:06d}.png"), step=step)
+    shutil.copyfile(path, os.path.join(d, "latest.png"))
+    return path

@@ -100,5 +100,6 @@ def main():
 
 
 if __name__ == "__main__":
+    from megapeer.train import exit_quickly  # skips ~1 s of interpreter teardown
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    exit_quickly(main())
