@@ -9,10 +9,10 @@ does nothing). metrics.jsonl holds one JSON object per line:
 """
 import hashlib
 import json
+import logging
 import math
 import os
 import re
-import logging
 import time
 
 import torch

@@ -21,9 +21,9 @@ _JOBS = ("plot_run", "save_usage_plots")
 
 
 def _serve(jobs, results, trainer_pid):
-    from . import plots
     from .helper_process import guard
     guard({signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}, trainer_pid)
+    from . import plots
     while True:
         job = jobs.get()
         if job is None:
