@@ -287,6 +287,40 @@ def test_sort_pairs_is_stable_argsort():
 
 
 @gpu
+def test_table_gradient_passes_share_one_sort_and_never_a_stale_one(monkeypatch):
+    """The sorted scatter keeps its sort for the next pass over the same idx (a layer's
+    grad_U after its grad_V): the gradients equal those of a fresh sort bitwise, and an
+    idx changed in place, or another idx, is sorted again (fp32, against the reference)."""
+    ext = peer_cuda._ext()
+    T, h, k, N, d = 300, 4, 8, 512, 256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    idx = torch.randint(0, N, (T, h, k), device="cuda", generator=g)
+    other = torch.randint(0, N, (T, h, k), device="cuda", generator=g)
+    x = torch.randn(T, d, device="cuda", generator=g)
+    coef = torch.randn(T, h, k, 1, device="cuda", generator=g)
+    V = torch.randn(N, d, device="cuda", generator=g)
+
+    def scatter(i, tab=None):
+        return ext.expert_scatter(coef, i, x, tab, N, 1, ext.SCATTER_SORTED, 64)
+
+    def ref(i):
+        return peer_cuda._scatter_ref(coef, i, x, None, N, 1)[0]
+
+    monkeypatch.setenv("MEGAPEER_PEER_SORT_REUSE", "0")
+    fresh = scatter(idx, V)
+    monkeypatch.setenv("MEGAPEER_PEER_SORT_REUSE", "1")
+    first = scatter(idx, V)              # sorts and keeps the sort
+    second = scatter(idx)                # takes it
+    assert torch.equal(first[0], fresh[0]) and torch.equal(first[1], fresh[1])
+    assert torch.equal(second[0], fresh[0])
+    scatter(idx)                         # keeps a sort of idx ...
+    idx.copy_(other)                     # ... then idx changes in place
+    assert _relerr(scatter(idx)[0], ref(other)) < 1e-6
+    scatter(idx)
+    assert _relerr(scatter(idx.flip(0).contiguous())[0], ref(idx.flip(0))) < 1e-6
+
+
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_deterministic_mode_is_bitwise_repeatable(dtype, walk_variant):
     T, h, k, N, d = 512, 8, 16, 2048, 512

@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -136,6 +137,41 @@ SortHolder sort_pairs_impl(const at::Tensor& idx, int64_t P, int64_t n_exp, int6
   return h;
 }
 
+// One sort for both table-gradient passes of a layer's backward (grad_V + grad_w, then
+// grad_U sort the same idx). A pass stores its sort here; the next pass with the same idx
+// (storage, shape, version), expert count, chunk, device and stream takes it instead of
+// sorting again, and empties the entry. The entry holds idx, so that its memory cannot
+// be reused while cached. MEGAPEER_PEER_SORT_REUSE=0 sorts every time (benchmarks).
+struct SortEntry {
+  bool valid = false;
+  at::Tensor idx;
+  int64_t version = 0, n_exp = 0, chunk = 0;
+  cudaStream_t stream = nullptr;
+  SortHolder h;
+};
+
+bool same_idx(const at::Tensor& a, const at::Tensor& b) {
+  return a.data_ptr() == b.data_ptr() && a.device() == b.device() && a.sizes() == b.sizes() &&
+         a.strides() == b.strides();
+}
+
+SortHolder full_sort(const at::Tensor& idx, int64_t P, int64_t n_exp, int64_t chunk, cudaStream_t stream) {
+  const char* env = std::getenv("MEGAPEER_PEER_SORT_REUSE");
+  if (env != nullptr && env[0] == '0') return sort_pairs_impl(idx, P, n_exp, chunk, /*full=*/true, stream);
+  static std::mutex mu;
+  static SortEntry& cached = *new SortEntry();  // never destroyed: no CUDA free at exit
+  std::lock_guard<std::mutex> lock(mu);
+  if (cached.valid && same_idx(cached.idx, idx) && cached.version == idx._version() && cached.n_exp == n_exp &&
+      cached.chunk == chunk && cached.stream == stream) {
+    SortHolder h = cached.h;
+    cached = SortEntry();
+    return h;
+  }
+  cached = SortEntry{true, idx, idx._version(), n_exp, chunk, stream,
+                     sort_pairs_impl(idx, P, n_exp, chunk, /*full=*/true, stream)};
+  return cached.h;
+}
+
 at::Tensor partial_buffer(const at::Tensor& like, mp::DType dt, int64_t d, bool vec, int64_t n) {
   const int64_t slices = mp::num_slices(dt, d, vec);
   if (slices <= 1) return at::Tensor();
@@ -244,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> expert_scatter(const at::Tensor& coef_, const
   }
   TORCH_CHECK(algo == kScatterSorted, "megapeer._C expert_scatter: unknown algo ", algo);
   at::Tensor grad = at::empty({acc.defined() ? 0 : n_rows, pr.g.d}, src.options());
-  SortHolder h = sort_pairs_impl(pr.idx, pr.g.T * pr.g.hk, pr.g.n_exp, chunk, /*full=*/true, stream);
+  SortHolder h = full_sort(pr.idx, pr.g.T * pr.g.hk, pr.g.n_exp, chunk, stream);
   at::Tensor scratch;
   if (h.so.max_heavy > 0)
     scratch = at::empty({h.so.max_heavy_slots * m, pr.g.d}, src.options().dtype(at::kFloat));
