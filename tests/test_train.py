@@ -47,14 +47,14 @@ def _env(extra=None):
     return e
 
 
-def train(demo, run_dir, extra=(), env=None, nproc=1, check=True):
+def train(demo, run_dir, extra=(), env=None, nproc=1, check=True, timeout=600):
     if nproc == 1:
         cmd = [sys.executable, "-m", "megapeer.train"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "megapeer.train"]
     p = subprocess.run(cmd + _args(demo, run_dir, extra), capture_output=True, text=True,
-                       env=_env(env), cwd=ROOT, timeout=600)
+                       env=_env(env), cwd=ROOT, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"train failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
                              f"{p.stderr[-6000:]}")
@@ -151,6 +151,14 @@ def test_nan_guard_skips_then_stops(demo, tmp_path):
     assert p.returncode == 3
     assert "2 consecutive non-finite steps" in p.stderr
     assert latest(run) == "iter_0000004"
+    # stopped before any save, the checkpoint-writer helper possibly still starting: the
+    # process exits (it hung in multiprocessing's exit handler until the start was awaited)
+    run = str(tmp_path / "early")
+    p = train(demo, run, ["training.train_iters=8", "checkpoint.save_interval=100",
+                          "training.max_consecutive_nonfinite=2"],
+              env={"MEGAPEER_FAULT_NAN_STEPS": "1,2"}, check=False, timeout=120)
+    assert p.returncode == 3, p.stderr[-3000:]
+    assert not os.listdir(os.path.join(run, "checkpoints"))
 
 
 @pytest.mark.timeout(900)

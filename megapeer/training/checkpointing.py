@@ -321,6 +321,8 @@ def start_signal_proof_writer_helper(background=False):
     if not background:
         _start_writer_helper()
         return
+    import atexit
+    import multiprocessing.util  # noqa: F401  (its exit handler must run after ours)
     import threading
     error = []
 
@@ -332,6 +334,18 @@ def start_signal_proof_writer_helper(background=False):
     thread = threading.Thread(target=run, name="start-checkpoint-writer", daemon=True)
     _WRITER_START = (thread, error)
     thread.start()
+    atexit.register(_finish_start_at_exit)
+
+
+def _finish_start_at_exit():
+    """A run that ends before its first save (an error, few steps) exits with the start
+    possibly still running. multiprocessing's exit handler joins the manager process, and
+    only a finished start registers the finalizer that shuts it down: without this wait
+    the exit hung (the helper waits for its trainer to go)."""
+    try:
+        wait_for_writer_helper()
+    except Exception:  # already reported at a save, or nothing left to save
+        pass
 
 
 def wait_for_writer_helper():
