@@ -5,8 +5,10 @@ through the real trainer (torchrun). Equal-batch runs (global batch 16 x 2048) c
 per-step losses with the 1-GPU run (bf16); weak-scaling runs keep 16 sequences per GPU
 (DPn at global batch 16n) and report tokens/s per GPU against 1 GPU. The last two steps of
 every run are profiled (logging.profile_steps): NCCL time per step, PEER's own
-collectives, forward and backward (the 'peer.comm' spans), and the data-parallel
-gradient reduction ('grad_sync'), as a share of the step.
+collectives, forward and backward (the 'peer.comm' spans; rank 0's kernel time, which
+includes waiting for the other ranks, and 'no wait': per collective the shortest kernel
+over the ranks, i.e. the last rank to arrive), and the data-parallel gradient reduction
+('grad_sync'), as a share of rank 0's step.
 
   python bench/layout_scaling.py --data DIR [--gpus 4] [--steps 12]
 """
@@ -19,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.train_throughput import GPU_100M, GPU_100M_PEER, TINY, TINY_PEER  # noqa: E402
 from bench.trainer_runs import train, train_records  # noqa: E402
+from megapeer.training.profiling import comm_without_waiting  # noqa: E402
 
 SIZES = {"100m": GPU_100M + GPU_100M_PEER + ["model.peer.num_experts=[128,128]"],
          "tiny": TINY + TINY_PEER}  # tiny: a CPU smoke run of this script (gloo)
@@ -46,13 +49,20 @@ def run(name, nproc, extra, data, steps, out, size="100m", init=None, common=())
     if not init:
         return os.path.join(run_dir, "checkpoints", "iter_0000001")
     tps = sorted(r["tokens_per_s"] for r in recs[3:-2])  # not the warm-up or profiled steps
-    prof = json.load(open(os.path.join(run_dir, "profile", "summary_rank0.json")))
-    w = prof["wall_ms"]
+    profs = [json.load(open(os.path.join(run_dir, "profile", f"summary_rank{r}.json")))
+             for r in range(nproc)]
+    prof, w = profs[0], profs[0]["wall_ms"]
+    nowait = comm_without_waiting(profs, "peer.comm")
     return {"loss": {r["step"]: r["loss"] for r in recs}, "tokens_per_s": tps[len(tps) // 2],
             "mem_gib": max(r.get("mem_gib") or 0 for r in recs),
             "nccl_frac": prof["categories_ms"]["communication (NCCL)"] / w,
             "peer_comm_frac": prof["labels_ms"]["peer.comm"] / w,
+            "peer_comm_nowait_frac": None if nowait is None else nowait / w,
             "grad_sync_frac": prof["labels_ms"]["grad_sync"] / w, "profile": prof}
+
+
+def _pct(x):
+    return "-" if x is None else f"{x:.1%}"
 
 
 def _counts(text):
@@ -110,7 +120,7 @@ def main():
     print(f"\n{card}, {a.size}, {a.steps} steps, global batch 16 sequences")
     print(f"{'layout':12s} {'GPUs':>4s} {'final loss':>10s} {'max |dloss|':>11s} "
           f"{'tok/s':>9s} {'tok/s/GPU':>9s} {'mem GiB':>7s} {'NCCL':>6s} {'PEER comm':>9s} "
-          f"{'grad sync':>9s}")
+          f"{'no wait':>7s} {'grad sync':>9s}")
     for name, n, _ in EQUAL:
         r = res.get(name)
         if not r:
@@ -118,7 +128,8 @@ def main():
         d = max(abs(r["loss"][s] - ref["loss"][s]) for s in ref["loss"]) if ref else float("nan")
         print(f"{name:12s} {n:4d} {r['loss'][a.steps]:10.4f} {d:11.2e} "
               f"{r['tokens_per_s']:9.0f} {r['tokens_per_s'] / n:9.0f} {r['mem_gib']:7.1f} "
-              f"{r['nccl_frac']:6.1%} {r['peer_comm_frac']:9.1%} {r['grad_sync_frac']:9.1%}")
+              f"{r['nccl_frac']:6.1%} {r['peer_comm_frac']:9.1%} {_pct(r['peer_comm_nowait_frac']):>7s} "
+              f"{r['grad_sync_frac']:9.1%}")
     if any(weak.values()):
         print("\nweak scaling (16 sequences per GPU per step; efficiency against the 1 GPU run):")
         for key, t in weak.items():

@@ -1,7 +1,8 @@
 """Step profiles: kernel categories, idle time and labelled spans from a Chrome trace."""
 import pytest
 
-from megapeer.training.profiling import format_summary, kernel_category, summarize_trace
+from megapeer.training.profiling import (comm_without_waiting, format_summary, kernel_category,
+                                         summarize_trace)
 
 
 @pytest.mark.parametrize("name,cat,want", [
@@ -63,6 +64,37 @@ def test_summary_of_two_steps():
     assert s["top_kernels"][0]["name"] == "gemm_a" and s["top_kernels"][0]["calls"] == 1
     text = format_summary(s, "test")
     assert "idle (no kernel running)" in text and "inside 'peer.comm' spans" in text
+
+
+def _rank_trace(gather_us, scatter_us, gpu_order=("AllGather", "ReduceScatter")):
+    """One step of one rank: a 'peer.comm' all-gather launched at 10, a reduce-scatter at
+    20 (CPU times); the GPU runs them in gpu_order."""
+    L = dict(pid=1, tid=7)
+    dur = {"AllGather": gather_us, "ReduceScatter": scatter_us}
+    corr = {"AllGather": 1, "ReduceScatter": 2}
+    ev = [_x("megapeer.step", "user_annotation", 0, 1000),
+          _x("peer.comm", "user_annotation", 5, 30, **L),
+          _x("cudaLaunchKernel", "cuda_runtime", 10, 1, args={"correlation": 1}, **L),
+          _x("cudaLaunchKernel", "cuda_runtime", 20, 1, args={"correlation": 2}, **L)]
+    ts = 100
+    for k in gpu_order:
+        ev.append(_x(f"ncclDevKernel_{k}", "kernel", ts, dur[k],
+                     args={"correlation": corr[k]}))
+        ts += 200
+    return summarize_trace(ev)
+
+
+def test_comm_without_waiting_takes_each_collective_from_the_last_rank_to_arrive():
+    # rank 0 waited 15 us in the all-gather, rank 1 6 us in the reduce-scatter; rank 1's
+    # GPU ran its kernels in the other order (another stream): matched by launch order
+    r0 = _rank_trace(20, 3)
+    r1 = _rank_trace(5, 9, gpu_order=("ReduceScatter", "AllGather"))
+    assert r0["labels_ms"]["peer.comm"] == pytest.approx(0.023)
+    assert comm_without_waiting([r0, r1], "peer.comm") == pytest.approx(0.008)
+    assert comm_without_waiting([r0], "peer.comm") == pytest.approx(0.023)
+    assert comm_without_waiting([r0, r1], "grad_sync") == 0
+    other = summarize_trace([_x("megapeer.step", "user_annotation", 0, 10)])  # no comm
+    assert comm_without_waiting([r0, other], "peer.comm") is None
 
 
 def test_trace_without_steps_is_an_error():

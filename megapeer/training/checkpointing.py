@@ -297,7 +297,7 @@ def find_resume_point(ckpt_cfg, ckpt_root):
 
 
 _WRITER_MANAGER = None
-_WRITER_START = None    # (thread, [error]) of a start in the background
+_WRITER_START = None    # the Future of a start in the background
 
 
 def start_signal_proof_writer_helper(background=False):
@@ -311,7 +311,10 @@ def start_signal_proof_writer_helper(background=False):
     trainer process is gone (killed with SIGKILL, for instance).
 
     background=True returns at once; save_checkpoint waits for the start
-    (wait_for_writer_helper) before its first write.
+    (wait_for_writer_helper) before its first write. The start runs on an executor
+    thread, which the interpreter joins before the atexit handlers: multiprocessing's
+    exit handler joins the manager process, and only a finished start registers the
+    finalizer that shuts it down (an exit during the start hung without the join).
     """
     global _WRITER_START
     from megatron.core.dist_checkpointing.strategies import filesystem_async
@@ -321,44 +324,22 @@ def start_signal_proof_writer_helper(background=False):
     if not background:
         _start_writer_helper()
         return
-    import atexit
-    import multiprocessing.util  # noqa: F401  (its exit handler must run after ours)
-    import threading
-    error = []
-
-    def run():
-        try:
-            _start_writer_helper()
-        except BaseException as e:  # re-raised by wait_for_writer_helper
-            error.append(e)
-    thread = threading.Thread(target=run, name="start-checkpoint-writer", daemon=True)
-    _WRITER_START = (thread, error)
-    thread.start()
-    atexit.register(_finish_start_at_exit)
-
-
-def _finish_start_at_exit():
-    """A run that ends before its first save (an error, few steps) exits with the start
-    possibly still running. multiprocessing's exit handler joins the manager process, and
-    only a finished start registers the finalizer that shuts it down: without this wait
-    the exit hung (the helper waits for its trainer to go)."""
-    try:
-        wait_for_writer_helper()
-    except Exception:  # already reported at a save, or nothing left to save
-        pass
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(1, thread_name_prefix="start-checkpoint-writer")
+    _WRITER_START = pool.submit(_start_writer_helper)
+    pool.shutdown(wait=False)
 
 
 def wait_for_writer_helper():
     """Block until a background start of the writer helper is done (no-op otherwise)."""
     global _WRITER_START
-    if _WRITER_START is None:
+    start, _WRITER_START = _WRITER_START, None
+    if start is None:
         return
-    thread, error = _WRITER_START
-    thread.join()
-    _WRITER_START = None
-    if error:
-        raise RuntimeError(f"the checkpoint-writer helper did not start: {error[0]!r}") \
-            from error[0]
+    try:
+        start.result()
+    except BaseException as e:
+        raise RuntimeError(f"the checkpoint-writer helper did not start: {e!r}") from e
 
 
 def _start_writer_helper():

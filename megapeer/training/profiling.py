@@ -165,6 +165,7 @@ def summarize_trace(trace):
                 (e["ts"], e["ts"] + e["dur"]))
     cats = dict.fromkeys(CATEGORIES, 0.0)
     labels = dict.fromkeys(LABELS, 0.0)
+    label_kernels = {lab: [] for lab in LABELS}
     per_name = {}
     for e in kernels:
         c = kernel_category(e["name"], e["cat"])
@@ -178,6 +179,7 @@ def summarize_trace(trace):
         for lab, by_thread in spans.items():
             if any(a <= src[2] <= b for a, b in by_thread.get(src[:2], ())):
                 labels[lab] += e["dur"]
+                label_kernels[lab].append((src[2], e["name"], e["dur"]))
     busy = _union([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
     ms = 1e-3 / n
     causes = idle_causes(ev, kernels, lo, hi, launch)
@@ -186,10 +188,27 @@ def summarize_trace(trace):
             "idle_ms": max(wall - busy, 0.0) * ms,
             "categories_ms": {c: v * ms for c, v in cats.items()},
             "labels_ms": {lab: v * ms for lab, v in labels.items()},
+            # each label's kernels in CPU launch order, [name, us]: comm_without_waiting
+            "label_kernels": {lab: [[k, d] for _, k, d in sorted(v)]
+                              for lab, v in label_kernels.items()},
             "top_kernels": [{"name": k, "category": c, "ms": t * ms, "calls": cnt / n}
                             for k, (c, t, cnt) in top],
             "idle_causes": [{"cause": c, "ms": us * ms, "gaps": g / n} for c, us, g in causes],
             "device_kernels": len(kernels)}
+
+
+def comm_without_waiting(summaries, label):
+    """ms per step of `label`'s kernels with the waiting taken out, from the summaries of
+    all ranks of one collective group (None where the ranks' kernel lists differ).
+
+    A collective's kernel starts when its rank arrives and ends when all have, so the
+    kernel of the last rank to arrive lasts about the transfer alone: per kernel, the
+    shortest duration over the ranks."""
+    lists = [s["label_kernels"][label] for s in summaries]
+    if len({tuple(k for k, _ in ks) for ks in lists}) != 1:
+        return None
+    return sum(min(d) for d in zip(*([d for _, d in ks] for ks in lists))) * 1e-3 \
+        / summaries[0]["steps"]
 
 
 def format_summary(s, title=""):
