@@ -19,8 +19,11 @@ $(STAMP): $(VPY) setup.py
 
 venv: $(STAMP)
 
+# Two test files at a time (pytest-xdist; a file's tests stay on one worker, which keeps
+# its module fixtures). TEST_WORKERS=0 runs them one by one.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(VPY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)
 	$(VPY) -m megapeer.demo

@@ -99,7 +99,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "nvidia-cutlass==4.2.0.0",
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "nvidia-cutlass==4.2.0.0",
                 "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "data": ["pyarrow"],
         "hf": ["transformers>=5", "safetensors", "tokenizers"],

@@ -29,7 +29,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from ..ops import gather_axpy, gather_dot, table_grads
-from ..ops.dispatch import expert_layout, expert_order, to_expert_order
+from ..ops.dispatch import expert_layout, expert_order, foreign_pairs_to_rows, to_expert_order
 from ..ops.grad_accum import accumulator
 
 _ACTS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -191,7 +191,7 @@ class PEER(MegatronModule):
             idx = idx - self.ep_rank * self.n_local
             own = (idx >= 0) & (idx < self.n_local)
             gates = gates * own
-            idx = idx.clamp(0, self.n_local - 1)
+            idx = foreign_pairs_to_rows(mode, idx, own, self.n_local, self.m, x, self.U)
         # wide experts on the grouped kernels: s and w as [pairs, m] sorted by expert
         srt = expert_order(mode, idx, self.m, x, self.U)
         n_exp = self.U.shape[0] // self.m

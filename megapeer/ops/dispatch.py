@@ -123,6 +123,17 @@ def gather_axpy(w, idx, V, m: int = 1, mode: str = "auto", acc=None, in_expert_o
     return _call("gather_axpy", path, w, idx, V, m, acc)
 
 
+def foreign_pairs_to_rows(mode, idx, own, n_local: int, m: int, x, U):
+    """idx (this expert-parallel rank's local ids) with the pairs of other ranks (own
+    False; their gates are zero) sent to rows in range. The fused and grouped kernels take
+    them clamped, onto two rows that stay in L2; the reference spreads them over its rows:
+    its index backward (index_put_ with accumulate, on the GPU) serialises repeats of one
+    row, and clamped, a 2-GPU EP step ran ~26x slower than one GPU (H200, docs/benchmarks.md)."""
+    if _path(mode, idx, m, x, U) is peer_ref:
+        return torch.where(own, idx, idx.remainder(n_local))
+    return idx.clamp(0, n_local - 1)
+
+
 def expert_order(mode, idx, m, x, U) -> bool:
     """Whether a layer step takes the grouped kernels' expert-ordered form: s and w as
     [P, m] with the (token, expert) pairs sorted by expert, so that the axpy runs as
