@@ -98,6 +98,21 @@ def test_auto_picks_grouped_for_wide_experts_with_many_pairs(monkeypatch):
     assert path(T=4096, n_exp=64, m=16) == peer_cuda.__name__
 
 
+def test_other_ranks_pairs_per_path(monkeypatch):
+    """Under expert parallelism the pairs of other ranks become -1 for the fused kernels
+    (skipped), clamped ids for the grouped kernels, ids spread over the rows for the
+    reference (whose GPU index backward serialises repeated rows)."""
+    from megapeer.ops import peer_grouped
+    idx = torch.tensor([[-5, 0, 3, 9]])             # local ids of a rank with 4 experts
+    own = (idx >= 0) & (idx < 4)
+    x = U = torch.zeros(1)
+    for path, want in ((peer_cuda, [[-1, 0, 3, -1]]), (peer_grouped, [[0, 0, 3, 3]]),
+                       (peer_ref, [[3, 0, 3, 1]])):
+        monkeypatch.setattr(dispatch, "_path", lambda *a, p=path: p)
+        got = dispatch.foreign_pairs_to_rows("auto", idx, own, 4, 1, x, U)
+        assert got.tolist() == want, path.__name__
+
+
 def test_algorithm_settings():
     st = peer_cuda._settings
     saved = (st.dot, st.scatter, st.chunk, st.deterministic)
@@ -272,6 +287,41 @@ def test_experts_chosen_by_many_tokens_and_heads(dtype, chunk, walk_variant):
     for dot, scatter in (("expert", "sorted"), ("token", "atomic")):
         with algorithms(dot=dot, scatter=scatter, chunk=chunk):
             _check(c, dtype, 1)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dot,scatter", ALGOS, ids=[f"{a}-{b}" for a, b in ALGOS])
+@pytest.mark.parametrize("m", [1, 2])
+def test_pairs_with_id_minus_one_contribute_nothing(dtype, dot, scatter, m):
+    """Expert parallelism gives the fused kernels other ranks' pairs as id -1
+    (dispatch.foreign_pairs_to_rows): they must add nothing to out and to the gradients of
+    x, U and V, and their s and w-gradient entries must be written as 0. Against the
+    reference on the same case with those pairs' w and s-gradient zeroed (any ids there),
+    with _check's tolerances."""
+    T, h, k, N, d = 301, 4, 8, 512, 256
+    c = _make(T=T, h=h, k=k, N=N, d=d, m=m, dtype=dtype)
+    own = torch.rand(T, h, k, device="cuda") < 0.5
+    keep = own.unsqueeze(-1).to(c["w"].dtype)
+    ref_case = dict(c, w=c["w"] * keep, gs=c["gs"] * keep)
+    got_case = dict(ref_case, idx=torch.where(own, c["idx"], -1))
+    zero_at_foreign = ("s", "grad_w")
+    ref = _run(peer_ref, ref_case, torch.float64, m)
+    base = _run(peer_ref, ref_case, dtype, m)
+    with algorithms(dot=dot, scatter=scatter):
+        got = _run(peer_cuda, got_case, dtype, m)
+    for name in ref:
+        r, b, g = ref[name], base[name], got[name]
+        assert torch.isfinite(g).all(), f"{name}: non-finite (unwritten?)"
+        if name in zero_at_foreign:
+            assert not g[~own].any(), f"{name}: nonzero at pairs with id -1"
+            r, b, g = r * keep, b * keep, g * keep.to(dtype)
+        err = _relerr(g, r)
+        if dtype == torch.float32:
+            assert err < 2e-5, f"{name}: fp32 relative error {err:.2e}"
+        else:
+            plain = _relerr(b, r)
+            assert err <= 2 * plain + 1e-6, f"{name}: bf16 error {err:.2e} vs plain {plain:.2e}"
 
 
 @gpu

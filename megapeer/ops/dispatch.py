@@ -125,12 +125,18 @@ def gather_axpy(w, idx, V, m: int = 1, mode: str = "auto", acc=None, in_expert_o
 
 def foreign_pairs_to_rows(mode, idx, own, n_local: int, m: int, x, U):
     """idx (this expert-parallel rank's local ids) with the pairs of other ranks (own
-    False; their gates are zero) sent to rows in range. The fused and grouped kernels take
-    them clamped, onto two rows that stay in L2; the reference spreads them over its rows:
-    its index backward (index_put_ with accumulate, on the GPU) serialises repeats of one
-    row, and clamped, a 2-GPU EP step ran ~26x slower than one GPU (H200, docs/benchmarks.md)."""
-    if _path(mode, idx, m, x, U) is peer_ref:
+    False; their gates are zero) made harmless for the path that will run:
+    - fused CUDA kernels: id -1, which they skip (no table read, nothing added, zero dot
+      products and gate gradients), so each rank does only its own experts' work;
+    - grouped kernels: clamped into range, onto two rows that stay in L2;
+    - reference: spread over the rows. Its index backward (index_put_ with accumulate, on
+      the GPU) works through the repeats of one row one by one; clamped, a 2-GPU EP step
+      ran ~26x slower than one GPU (H200, docs/benchmarks.md)."""
+    path = _path(mode, idx, m, x, U)
+    if path is peer_ref:
         return torch.where(own, idx, idx.remainder(n_local))
+    if getattr(path, "SKIPS_ID_MINUS_ONE", False):
+        return torch.where(own, idx, -1)
     return idx.clamp(0, n_local - 1)
 
 

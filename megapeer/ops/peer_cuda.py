@@ -288,6 +288,7 @@ torch.library.register_autograd("megapeer::gather_axpy", _axpy_backward, setup_c
 # Public API (what ops/dispatch.py calls).
 
 FUSED_ACCUMULATION = True   # gather_dot / gather_axpy take acc (ops/grad_accum.py)
+SKIPS_ID_MINUS_ONE = True   # a pair with id -1 reads and adds nothing (its s, grad_w: 0)
 
 
 def gather_dot(x: Tensor, idx: Tensor, U: Tensor, m: int = 1, acc: Optional[Tensor] = None) -> Tensor:
