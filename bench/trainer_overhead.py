@@ -23,6 +23,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# fixed here, not imported from the tests: every checkout compared runs the same settings
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
         "model.ffn_hidden_size=128", "model.seq_length=32", "model.layer_pattern=DP",
         "model.peer.num_experts=[16,16]", "model.peer.heads=2", "model.peer.topk=4",
