@@ -199,7 +199,8 @@ def summarize_trace(trace):
 
 def comm_without_waiting(summaries, label):
     """ms per step of `label`'s kernels with the waiting taken out, from the summaries of
-    all ranks of one collective group (None where the ranks' kernel lists differ).
+    the ranks of a run, which issue the same collectives in the same order (None where
+    their kernel lists differ). With several groups (TP x EP) a lower estimate.
 
     A collective's kernel starts when its rank arrives and ends when all have, so the
     kernel of the last rank to arrive lasts about the transfer alone: per kernel, the
