@@ -371,6 +371,19 @@ def test_table_gradient_passes_share_one_sort_and_never_a_stale_one(monkeypatch)
 
 
 @gpu
+@pytest.mark.parametrize("name", ["MEGAPEER_PEER_SORT_REUSE", "MEGAPEER_PEER_PREFETCH"])
+def test_bad_switch_value_is_named(monkeypatch, name):
+    """The kernels' environment switches take 0 or 1; another value is an error naming
+    the variable (it was read as 'on' before)."""
+    ext = peer_cuda._ext()
+    idx = torch.randint(0, 64, (16, 2, 4), device="cuda")
+    x, coef = torch.randn(16, 32, device="cuda"), torch.randn(16, 2, 4, 1, device="cuda")
+    monkeypatch.setenv(name, "false")
+    with pytest.raises(RuntimeError, match=f"{name} must be 0 or 1, got 'false'"):
+        ext.expert_scatter(coef, idx, x, None, 64, 1, ext.SCATTER_SORTED, 64)
+
+
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_deterministic_mode_is_bitwise_repeatable(dtype, walk_variant):
     T, h, k, N, d = 512, 8, 16, 2048, 512

@@ -97,6 +97,15 @@ struct SortHolder {
   mp::Sorted so;
 };
 
+// A 0/1 switch from the environment: -1 when unset or empty; anything else is an error.
+int env_switch(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == '\0') return -1;
+  const std::string s(v);
+  TORCH_CHECK(s == "0" || s == "1", name, " must be 0 or 1, got '", s, "'");
+  return s == "1" ? 1 : 0;
+}
+
 SortHolder sort_pairs_impl(const at::Tensor& idx, int64_t P, int64_t n_exp, int64_t chunk, bool full,
                            cudaStream_t stream) {
   TORCH_CHECK(chunk >= 1, "megapeer._C: chunk must be >= 1");
@@ -132,8 +141,7 @@ SortHolder sort_pairs_impl(const at::Tensor& idx, int64_t P, int64_t n_exp, int6
   // Tuning switch for the benchmark and tests: MEGAPEER_PEER_PREFETCH=1 prefetches
   // the next expert's table row in every walk, =0 in none; unset: the measured
   // best per kernel (see Sorted::prefetch and docs/kernels.md).
-  const char* pf = std::getenv("MEGAPEER_PEER_PREFETCH");
-  h.so.prefetch = pf == nullptr || pf[0] == '\0' ? -1 : (pf[0] == '0' ? 0 : 1);
+  h.so.prefetch = env_switch("MEGAPEER_PEER_PREFETCH");
   return h;
 }
 
@@ -156,8 +164,8 @@ bool same_idx(const at::Tensor& a, const at::Tensor& b) {
 }
 
 SortHolder full_sort(const at::Tensor& idx, int64_t P, int64_t n_exp, int64_t chunk, cudaStream_t stream) {
-  const char* env = std::getenv("MEGAPEER_PEER_SORT_REUSE");
-  if (env != nullptr && env[0] == '0') return sort_pairs_impl(idx, P, n_exp, chunk, /*full=*/true, stream);
+  if (env_switch("MEGAPEER_PEER_SORT_REUSE") == 0)
+    return sort_pairs_impl(idx, P, n_exp, chunk, /*full=*/true, stream);
   static std::mutex mu;
   static SortEntry& cached = *new SortEntry();  // never destroyed: no CUDA free at exit
   std::lock_guard<std::mutex> lock(mu);
