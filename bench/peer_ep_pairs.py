@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench.peer_kernel import SIZES, timeit  # noqa: E402
-from megapeer.ops import peer_cuda, peer_ref  # noqa: E402
+from megapeer.ops import dispatch, peer_cuda  # noqa: E402
 
 
 def case(T, d, N, h, k, dtype, seed=0):
@@ -36,9 +36,7 @@ def case(T, d, N, h, k, dtype, seed=0):
 
 
 def step(c, idx, own):
-    gates = c["scores"].softmax(-1) * own
-    out = peer_ref.expert_step(peer_cuda.gather_dot, peer_cuda.gather_axpy, c["x"], idx, gates,
-                               c["U"], c["V"], F.gelu)
+    out = peer_cuda.peer_experts(c["x"], idx, c["scores"].softmax(-1) * own, c["U"], c["V"], F.gelu)
     out.backward(c["go"])
     return out
 
@@ -63,7 +61,9 @@ def main():
     own = glob < n_local                                           # rank 0 holds [0, N/E)
     variants = {"one GPU, whole table": (one, one["idx"], torch.ones_like(one["idx"], dtype=dt)),
                 f"EP{E} rank, others' pairs clamped": (rank, glob.clamp(0, n_local - 1), own.to(dt)),
-                f"EP{E} rank, others' pairs id -1": (rank, torch.where(own, glob, -1), own.to(dt))}
+                f"EP{E} rank, others' pairs id -1":   # what models/peer.py passes now
+                    (rank, dispatch.foreign_pairs_to_rows("fused", glob, own, n_local, 1, rank["x"], rank["U"]),
+                     own.to(dt))}
 
     def clear(c):
         for key in ("x", "scores", "U", "V"):

@@ -47,14 +47,14 @@ def _env(extra=None):
     return e
 
 
-def train(demo, run_dir, extra=(), env=None, nproc=1, check=True, timeout=600):
+def train(demo, run_dir, extra=(), env=None, nproc=1, check=True):
     if nproc == 1:
         cmd = [sys.executable, "-m", "megapeer.train"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "megapeer.train"]
     p = subprocess.run(cmd + _args(demo, run_dir, extra), capture_output=True, text=True,
-                       env=_env(env), cwd=ROOT, timeout=timeout)
+                       env=_env(env), cwd=ROOT, timeout=600)
     if check and p.returncode != 0:
         raise AssertionError(f"train failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
                              f"{p.stderr[-6000:]}")
