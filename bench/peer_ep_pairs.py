@@ -53,6 +53,8 @@ def main():
     if not ok:
         sys.exit(f"fused PEER kernels unavailable: {why}")
     T, d, N, h, k = SIZES[a.size][:5]
+    if a.ep < 2 or N % a.ep:
+        ap.error(f"--ep must be at least 2 and divide the {a.size} size's {N} experts, got {a.ep}")
     E, n_local = a.ep, N // a.ep
     dt = torch.bfloat16
     one = case(T, d, N, h, k, dt)
