@@ -49,12 +49,12 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    ok, why = peer_cuda.available()
-    if not ok:
-        sys.exit(f"fused PEER kernels unavailable: {why}")
     T, d, N, h, k = SIZES[a.size][:5]
     if a.ep < 2 or N % a.ep:
         ap.error(f"--ep must be at least 2 and divide the {a.size} size's {N} experts, got {a.ep}")
+    ok, why = peer_cuda.available()
+    if not ok:
+        sys.exit(f"fused PEER kernels unavailable: {why}")
     E, n_local = a.ep, N // a.ep
     dt = torch.bfloat16
     one = case(T, d, N, h, k, dt)
