@@ -6,7 +6,10 @@ to the 16-wide tile), 32 with hot experts spanning several blocks, 1, and 100 an
 multiples of the tiles, one token choosing one expert in every slot, x a column slice;
 one sort of the pairs per forward + backward (the layout is shared by the 6 kernel calls);
 and deterministic mode (the axpy without atomics, in column passes): reference values and
-bitwise-equal repeats; the same for experts >= 128 wide outside deterministic mode (their
+bitwise-equal repeats; other expert-parallel ranks' pairs as the sentinel id (narrow,
+wide in both forms: against the reference with them clamped and gated 0; their dot
+outputs written as zeros over NaN-filled memory); the same for experts >= 128 wide
+outside deterministic mode (their
 axpy always writes one row per pair); the axpy and scatter in their other grid order
 (LOCAL off) and the scatter with its pair ids loaded a step ahead (PREFETCH): the
 benchmarks' comparisons. Experts >= 128 wide take the expert-ordered form (s and w sorted
@@ -51,7 +54,10 @@ def test_grouped_kernels_match_reference():
     assert res.pop("host_syncs_expert_order", "") == "", "the expert-ordered form waits"
     # which form ran: expert order for wide experts (fp32 here: on a GPU only bf16 takes it,
     # checked by the bf16_wide case)
-    wide = {"m100_chunked", "m300_chunked", "unlocal_m100_chunked", "prefetch_m100_chunked"}
+    wide = {"m100_chunked", "m300_chunked", "unlocal_m100_chunked", "prefetch_m100_chunked",
+            "foreign_m100_chunked"}
+    # other EP ranks' pairs (the sentinel id): the dot writes zeros for them, not garbage
+    assert res.pop("foreign_zeros") == {"ok": 1.0}
     for case, errs in res.items():
         if "expert_order" in errs:
             want = case in wide and not torch.cuda.is_available()

@@ -100,14 +100,15 @@ def test_auto_picks_grouped_for_wide_experts_with_many_pairs(monkeypatch):
 
 def test_other_ranks_pairs_per_path(monkeypatch):
     """Under expert parallelism the pairs of other ranks become -1 for the fused kernels
-    (skipped), clamped ids for the grouped kernels, ids spread over the rows for the
-    reference (whose GPU index backward serialises repeated rows)."""
-    from megapeer.ops import peer_grouped
+    (skipped), the sentinel id (the expert count) for the grouped kernels (left out of
+    their work), clamped ids for gmm, ids spread over the rows for the reference (whose
+    GPU index backward serialises repeated rows)."""
+    from megapeer.ops import peer_gmm, peer_grouped
     idx = torch.tensor([[-5, 0, 3, 9]])             # local ids of a rank with 4 experts
     own = (idx >= 0) & (idx < 4)
     x = U = torch.zeros(1)
-    for path, want in ((peer_cuda, [[-1, 0, 3, -1]]), (peer_grouped, [[0, 0, 3, 3]]),
-                       (peer_ref, [[3, 0, 3, 1]])):
+    for path, want in ((peer_cuda, [[-1, 0, 3, -1]]), (peer_grouped, [[4, 0, 3, 4]]),
+                       (peer_gmm, [[0, 0, 3, 3]]), (peer_ref, [[3, 0, 3, 1]])):
         monkeypatch.setattr(dispatch, "_path", lambda *a, p=path: p)
         got = dispatch.foreign_pairs_to_rows("auto", idx, own, 4, 1, x, U)
         assert got.tolist() == want, path.__name__

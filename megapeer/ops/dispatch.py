@@ -128,7 +128,9 @@ def foreign_pairs_to_rows(mode, idx, own, n_local: int, m: int, x, U):
     False; their gates are zero) made harmless for the path that will run:
     - fused CUDA kernels: id -1, which they skip (no table read, nothing added, zero dot
       products and gate gradients), so each rank does only its own experts' work;
-    - grouped kernels: clamped into range, onto two rows that stay in L2;
+    - grouped Triton kernels: id n_local, their sentinel expert, sorted last and left out
+      of the tiles' work (zero dot products, nothing added);
+    - gmm: clamped into range, onto two rows that stay in L2 (computed with gate 0);
     - reference: spread over the rows. Its index backward (index_put_ with accumulate, on
       the GPU) works through the repeats of one row one by one; clamped, a 2-GPU EP step
       ran ~26x slower than one GPU (H200, docs/benchmarks.md)."""
@@ -137,6 +139,8 @@ def foreign_pairs_to_rows(mode, idx, own, n_local: int, m: int, x, U):
         return torch.where(own, idx, idx.remainder(n_local))
     if getattr(path, "SKIPS_ID_MINUS_ONE", False):
         return torch.where(own, idx, -1)
+    if getattr(path, "SKIPS_SENTINEL", False):
+        return torch.where(own, idx, n_local)
     return idx.clamp(0, n_local - 1)
 
 

@@ -36,6 +36,9 @@ layout's inverse permutation; the scatter reads coefficients by position. -7% pe
 m is padded to 16 inside the kernels (tensor-core tiles) and cut into chunks of MC columns;
 fp32 inputs use IEEE fp32 dots. Blocks hold BM = 64 pairs, 128 for experts >= 128 wide.
 
+Expert parallelism: other ranks' pairs come as the sentinel id n_exp (SKIPS_SENTINEL;
+dispatch.foreign_pairs_to_rows), sorted last as a group of their own that no kernel reads
+a table row for: zero dot products, nothing added, no scatter work.
 Select it with model.peer.kernel=grouped. It runs wherever Triton runs: CUDA GPUs, and
 the CPU under TRITON_INTERPRET=1 (how the tests check it against the reference).
 One sort of the pairs (the layout op) serves a layer's forward dot and axpy and, saved by
@@ -60,15 +63,24 @@ from . import peer_ref
 # bench/grouped_tune.py on an H200 (docs/kernels.md): experts up to 64 wide, then >= 128.
 # LOCAL: the 1-D grid order of axpy and scatter; PREFETCH: the scatter loads its pair ids
 # a step ahead (peer_grouped_kernels.py; H200, docs/benchmarks.md calls 34 and 40);
-# INV_STORE: the expert-ordered dot reads its output rows from the layout's inv.
-TILES = {"dot": dict(BM=64, BK=64, MC=64, num_warps=4, num_stages=3, INV_STORE=True),
-         "axpy": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3, LOCAL=True),
+# INV_STORE: the expert-ordered dot reads its output rows from the layout's inv;
+# SKIP_IF: the sentinel's blocks skip their loop by a branch (False: by masked loads;
+# the branch cost the narrow atomic axpy 28%, H200, docs/benchmarks.md call 104).
+TILES = {"dot": dict(BM=64, BK=64, MC=64, num_warps=4, num_stages=3, INV_STORE=True,
+                    SKIP_IF=True),
+         "axpy": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3, LOCAL=True,
+                      SKIP_IF=False),
          "scatter": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3, LOCAL=True,
                          PREFETCH=False)}
-TILES_WIDE = {"dot": dict(BM=128, BK=64, MC=256, num_warps=8, num_stages=3, INV_STORE=True),
-              "axpy": dict(BM=128, BN=256, MC=64, num_warps=8, num_stages=3, LOCAL=True),
+TILES_WIDE = {"dot": dict(BM=128, BK=64, MC=256, num_warps=8, num_stages=3, INV_STORE=True,
+                         SKIP_IF=True),
+              "axpy": dict(BM=128, BN=256, MC=64, num_warps=8, num_stages=3, LOCAL=True,
+                           SKIP_IF=True),
               "scatter": dict(BM=64, BN=128, MC=128, num_warps=8, num_stages=3, LOCAL=True,
                              PREFETCH=True)}
+# ids equal to the expert count (the sentinel) are other expert-parallel ranks' pairs:
+# sorted last, no table read, zero dot products, nothing added (dispatch.foreign_pairs_to_rows)
+SKIPS_SENTINEL = True
 ROWS_BYTES = 1 << 30   # the wide axpy's per-pair rows: column passes of at most this
 WIDE_ROWS = True         # False: wide experts' axpy with atomics too (bench/peer_kernel.py A/B)
 assert all(t["dot"]["BM"] == t["axpy"]["BM"] for t in (TILES, TILES_WIDE))   # one layout
@@ -112,13 +124,16 @@ def _layout_op(idx: Tensor, n_exp: int, bm: int) -> tuple[Tensor, Tensor, Tensor
                                                           Tensor]:
     """(token, expert) pairs sorted by expert and cut into blocks of bm pairs of one expert:
     order [P] (pair ids by expert), block_expert [n_blocks] (-1 past the last block),
-    block_start, expert_off, counts [n_exp], inv [P] (each pair's place in the expert
-    order: the expert-ordered form's way back). Torch ops on the device, sized by upper bounds
-    (no host sync: torch.bincount would read the largest id back to the host; the GPU
-    test runs this under torch.cuda.set_sync_debug_mode("error"))."""
-    keys, order, inv = peer_ref.sort_by_expert(idx.reshape(-1), n_exp)
+    block_start, expert_off, counts [n_exp + 1], inv [P] (each pair's place in the expert
+    order: the expert-ordered form's way back). Id n_exp is the sentinel (SKIPS_SENTINEL): other
+    expert-parallel ranks' pairs, sorted last as group n_exp, whose blocks the kernels only
+    fill with zeros. Torch ops on the device, sized by upper bounds (no host sync:
+    torch.bincount would read the largest id back to the host; the GPU test runs this
+    under torch.cuda.set_sync_debug_mode("error"))."""
+    keys, order, inv = peer_ref.sort_by_expert(idx.reshape(-1), n_exp + 1)
     order = order.to(torch.int32)
     bounds = torch.searchsorted(keys, torch.arange(n_exp + 1, device=idx.device, dtype=keys.dtype))
+    bounds = torch.cat([bounds, bounds.new_full((1,), idx.numel())])
     counts = (bounds[1:] - bounds[:-1]).to(torch.int32)
     expert_off = bounds[:-1].to(torch.int32)
     blocks = (counts + bm - 1) // bm
@@ -126,7 +141,7 @@ def _layout_op(idx: Tensor, n_exp: int, bm: int) -> tuple[Tensor, Tensor, Tensor
     block_start = (block_end - blocks).to(torch.int32)
     b = torch.arange(_n_blocks(idx.numel(), n_exp, bm), device=idx.device)
     e = torch.searchsorted(block_end, b, right=True)
-    block_expert = torch.where(e < n_exp, e, -1).to(torch.int32)
+    block_expert = torch.where(e <= n_exp, e, -1).to(torch.int32)
     return order, block_expert, block_start, expert_off, counts, inv.to(torch.int32)
 
 
@@ -135,11 +150,12 @@ def _(idx, n_exp, bm):
     i32 = dict(dtype=torch.int32, device=idx.device)
     return (idx.new_empty(idx.numel(), **i32),
             idx.new_empty(_n_blocks(idx.numel(), n_exp, bm), **i32),
-            *(idx.new_empty(n_exp, **i32) for _ in range(3)), idx.new_empty(idx.numel(), **i32))
+            *(idx.new_empty(n_exp + 1, **i32) for _ in range(3)),
+            idx.new_empty(idx.numel(), **i32))
 
 
 def _n_blocks(P: int, n_exp: int, bm: int) -> int:
-    return (P + bm - 1) // bm + n_exp    # upper bound: each expert's last block may be short
+    return (P + bm - 1) // bm + n_exp + 1    # upper bound: each group's last block may be short
 
 
 def _layout_of(idx: Tensor, key: tuple) -> tuple:
@@ -181,7 +197,8 @@ def _dot(x, idx, tab, m, lay, shape, in_expert_order):
     t = _tiles("dot", m)
     dot_kernel[(block_expert.numel(), _mb(m) // t["MC"])](
         x, x.stride(0), tab, tab.stride(0), s, order, block_expert, block_start, expert_off,
-        counts, inv, _hk(idx), m, x.shape[1], MB=_mb(m), IEEE=x.dtype == torch.float32,
+        counts, inv, _hk(idx), m, x.shape[1], tab.shape[0] // m, MB=_mb(m),
+        IEEE=x.dtype == torch.float32,
         SORTED=in_expert_order, **t)
     return s
 
@@ -233,7 +250,7 @@ def _axpy_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor, block_e
     out = torch.zeros(T, d, dtype=torch.float32, device=tab.device)   # atomics sum into it
     nb = block_expert.numel()
     axpy_kernel[(nb * triton.cdiv(d, kw["BN"]),)](
-        w, tab, tab.stride(0), out, *lay, hk, m, d, nb, STORE=False, **kw)
+        w, tab, tab.stride(0), out, *lay, hk, m, d, nb, tab.shape[0] // m, STORE=False, **kw)
     return out.to(tab.dtype)
 
 
@@ -249,7 +266,8 @@ def _axpy_rows(w, tab, lay, T, hk, m, d, kw, row_dtype, cols):
         rows = buf[:T * hk * wc].view(T * hk, wc)
         nb = lay[1].numel()
         axpy_kernel[(nb * triton.cdiv(wc, kw["BN"]),)](
-            w, tab[:, c0:c0 + wc], tab.stride(0), rows, *lay, hk, m, wc, nb, STORE=True, **kw)
+            w, tab[:, c0:c0 + wc], tab.stride(0), rows, *lay, hk, m, wc, nb, tab.shape[0] // m,
+            STORE=True, **kw)
         part = rows.view(T, hk, wc).sum(1)   # bf16 rows: summed in fp32, one rounding
         if out is None:
             return part
@@ -359,7 +377,7 @@ def gather_rows(rows: Tensor, inv: Tensor, out: Tensor) -> Tensor:
     n, c = out.shape
     gs = GATHER_SUM
     gather_sum[(triton.cdiv(n, gs["BT"]), triton.cdiv(c, gs["BN"]))](
-        rows, inv, out, out.stride(0), n, 1, c, **gs)
+        rows, inv, out, out.stride(0), n, 1, c, inv, **gs)
     return out
 
 
@@ -375,7 +393,7 @@ def _axpy_sorted_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor,
     n_exp = tab.shape[0] // m
     b = _rows(tab).view(n_exp, m, d)
     w = w.contiguous()
-    ends = expert_off + counts
+    ends = (expert_off + counts)[:n_exp]   # the sentinel's rows (past the last end): unwritten
     out = tab.new_empty((T, d))
     cols = max(64, ROWS_BYTES // max(1, w.shape[0] * tab.element_size()) // 64 * 64)
     gs = GATHER_SUM
@@ -383,7 +401,8 @@ def _axpy_sorted_op(w: Tensor, idx: Tensor, tab: Tensor, m: int, order: Tensor,
         wc = min(cols, d - c0)
         rows = torch._grouped_mm(w, b if wc == d else b[:, :, c0:c0 + wc], offs=ends)
         gather_sum[(triton.cdiv(T, gs["BT"]), triton.cdiv(wc, gs["BN"]))](
-            rows, inv, out[:, c0:], out.stride(0), T, hk, wc, **gs)
+            rows, inv, out[:, c0:], out.stride(0), T, hk, wc, expert_off[n_exp:], LIMIT=True,
+            **gs)
     return out
 
 

@@ -1,7 +1,8 @@
 """Triton kernels of ops/peer_grouped.py (read that first). Imported only when used.
 
 Each block holds up to BM (token, expert) pairs of one expert, sorted by expert; offsets
-are int64. m is padded to MB >= 16 (tensor-core tiles) and masked; wide experts are cut
+are int64. Blocks of expert n_exp (the sentinel: other expert-parallel ranks' pairs) read
+nothing: the dot writes their outputs as zeros, the axpy zero rows (or adds nothing). m is padded to MB >= 16 (tensor-core tiles) and masked; wide experts are cut
 into chunks of MC <= MB columns (grid axis of the dot and scatter, a loop in the axpy).
 The axpy and scatter run on a 1-D grid; with LOCAL the programs that share a block's
 (axpy) or an expert's (scatter) gathered rows are consecutive, so those rows are read from
@@ -12,10 +13,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _block(b, order, block_expert, block_start, expert_off, counts, hk,
+def _block(b, order, block_expert, block_start, expert_off, counts, hk, n_exp,
            BM: tl.constexpr):
+    """Block b's expert (n_exp for the sentinel's blocks and those past the last), its
+    pairs, their tokens, which are real, and their places in the expert order."""
     e = tl.load(block_expert + b)
-    es = tl.maximum(e, 0)
+    es = tl.where(e >= 0, e, n_exp)
     local = (b - tl.load(block_start + es)) * BM + tl.arange(0, BM)
     cnt = tl.where(e >= 0, tl.load(counts + es), 0)
     valid = local < cnt
@@ -25,19 +28,12 @@ def _block(b, order, block_expert, block_start, expert_off, counts, hk,
 
 
 @triton.jit
-def peer_grouped_dot(x, ldx, tab, ldt, s, order, block_expert, block_start, expert_off,
-                     counts, inv, hk, m, d, BM: tl.constexpr, MB: tl.constexpr,
-                     BK: tl.constexpr, MC: tl.constexpr, IEEE: tl.constexpr,
-                     SORTED: tl.constexpr = False, INV_STORE: tl.constexpr = True):
-    e, pair, tok, valid, pos = _block(tl.program_id(0), order, block_expert, block_start,
-                                 expert_off, counts, hk, BM)
-    j = tl.program_id(1) * MC + tl.arange(0, MC)
-    jv = j < m
-    rows = e * m + j
-    acc = tl.zeros((BM, MC), dtype=tl.float32)
+def _dot_sum(acc, x, ldx, tab, ldt, tok, valid, rows, jv, d, dlim, BK: tl.constexpr,
+             IEEE: tl.constexpr):
+    """acc [BM, MC] += x[tok] . tab[rows]^T over d; columns from dlim on read as zeros."""
     for k0 in range(0, d, BK):
         kk = k0 + tl.arange(0, BK)
-        km = kk < d
+        km = kk < dlim
         xt = tl.load(x + tok[:, None] * ldx + kk[None, :], mask=valid[:, None] & km[None, :],
                      other=0.0)
         ut = tl.load(tab + rows[:, None] * ldt + kk[None, :], mask=jv[:, None] & km[None, :],
@@ -46,6 +42,28 @@ def peer_grouped_dot(x, ldx, tab, ldt, s, order, block_expert, block_start, expe
             acc += tl.dot(xt, tl.trans(ut), input_precision="ieee")
         else:
             acc += tl.dot(xt, tl.trans(ut))
+    return acc
+
+
+@triton.jit
+def peer_grouped_dot(x, ldx, tab, ldt, s, order, block_expert, block_start, expert_off,
+                     counts, inv, hk, m, d, n_exp, BM: tl.constexpr, MB: tl.constexpr,
+                     BK: tl.constexpr, MC: tl.constexpr, IEEE: tl.constexpr,
+                     SORTED: tl.constexpr = False, INV_STORE: tl.constexpr = True,
+                     SKIP_IF: tl.constexpr = True):
+    e, pair, tok, valid, pos = _block(tl.program_id(0), order, block_expert, block_start,
+                                      expert_off, counts, hk, n_exp, BM)
+    j = tl.program_id(1) * MC + tl.arange(0, MC)
+    jv = j < m
+    rows = e * m + j
+    acc = tl.zeros((BM, MC), dtype=tl.float32)
+    # the sentinel's blocks (e = n_exp) read nothing: their outputs are stored as zeros
+    if SKIP_IF:
+        if e < n_exp:
+            acc = _dot_sum(acc, x, ldx, tab, ldt, tok, valid, rows, jv, d, d, BK, IEEE)
+    else:   # masked loads instead (the benchmark's comparison)
+        acc = _dot_sum(acc, x, ldx, tab, ldt, tok, valid, rows, jv, d,
+                       tl.where(e < n_exp, d, 0), BK, IEEE)
     dst = pair
     if SORTED:   # s in expert order, [P, m]: row pos (= inv[pair])
         if INV_STORE:   # read from inv: stored as the token-ordered rows are (faster, H200)
@@ -57,24 +75,12 @@ def peer_grouped_dot(x, ldx, tab, ldt, s, order, block_expert, block_start, expe
 
 
 @triton.jit
-def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, expert_off,
-                      counts, hk, m, d, n_blocks, BM: tl.constexpr, MB: tl.constexpr,
-                      BN: tl.constexpr, MC: tl.constexpr, IEEE: tl.constexpr,
-                      STORE: tl.constexpr, LOCAL: tl.constexpr):
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(d, BN)
-    if LOCAL:   # a block's d-tiles in a row: its coef rows come from L2 after the first
-        b, nt = pid // n_tiles, pid % n_tiles
-    else:
-        b, nt = pid % n_blocks, pid // n_blocks
-    e, pair, tok, valid, _ = _block(b, order, block_expert, block_start, expert_off,
-                                    counts, hk, BM)
-    n = nt * BN + tl.arange(0, BN)
-    nm = n < d
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+def _axpy_sum(acc, coef, tab, ldt, pair, valid, e, n, nm, m, mlim, MB: tl.constexpr,
+              MC: tl.constexpr, IEEE: tl.constexpr):
+    """acc [BM, BN] += coef[pair] . tab[e's rows, n]; expert columns from mlim on: zeros."""
     for j0 in range(0, MB, MC):
         j = j0 + tl.arange(0, MC)
-        jv = j < m
+        jv = j < mlim
         c = tl.load(coef + pair[:, None] * m + j[None, :], mask=valid[:, None] & jv[None, :],
                     other=0.0)
         v = tl.load(tab + (e * m + j)[:, None] * ldt + n[None, :],
@@ -83,11 +89,39 @@ def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, exp
             acc += tl.dot(c, v, input_precision="ieee")
         else:
             acc += tl.dot(c, v)
+    return acc
+
+
+@triton.jit
+def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, expert_off,
+                      counts, hk, m, d, n_blocks, n_exp, BM: tl.constexpr,
+                      MB: tl.constexpr, BN: tl.constexpr, MC: tl.constexpr,
+                      IEEE: tl.constexpr, STORE: tl.constexpr, LOCAL: tl.constexpr,
+                      SKIP_IF: tl.constexpr = True):
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(d, BN)
+    if LOCAL:   # a block's d-tiles in a row: its coef rows come from L2 after the first
+        b, nt = pid // n_tiles, pid % n_tiles
+    else:
+        b, nt = pid % n_blocks, pid // n_blocks
+    e, pair, tok, valid, _ = _block(b, order, block_expert, block_start, expert_off,
+                                    counts, hk, n_exp, BM)
+    n = nt * BN + tl.arange(0, BN)
+    nm = n < d
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    # the sentinel's blocks read nothing: zero rows (STORE), or nothing added
+    if SKIP_IF:
+        if e < n_exp:
+            acc = _axpy_sum(acc, coef, tab, ldt, pair, valid, e, n, nm, m, m, MB, MC, IEEE)
+    else:
+        acc = _axpy_sum(acc, coef, tab, ldt, pair, valid, e, n, nm, m,
+                        tl.where(e < n_exp, m, 0), MB, MC, IEEE)
     if STORE:   # one row per pair into out [P, d] (summed per token by the caller)
         tl.store(out + pair[:, None] * d + n[None, :], acc.to(out.dtype.element_ty),
                  mask=valid[:, None] & nm[None, :])
     else:
-        tl.atomic_add(out + tok[:, None] * d + n[None, :], acc, mask=valid[:, None] & nm[None, :],
+        add = valid & (tok * 0 + e < n_exp)
+        tl.atomic_add(out + tok[:, None] * d + n[None, :], acc, mask=add[:, None] & nm[None, :],
                       sem="relaxed")  # a plain reduction: no ordering needed
 
 
@@ -153,17 +187,21 @@ def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m,
 
 
 @triton.jit
-def peer_gather_sum(rows, inv, out, ldo, T, hk, d, BT: tl.constexpr, BN: tl.constexpr):
+def peer_gather_sum(rows, inv, out, ldo, T, hk, d, limit, BT: tl.constexpr, BN: tl.constexpr,
+                    LIMIT: tl.constexpr = False):
     """out[t, :d] = sum over the token's hk pairs of rows[inv[t * hk + s]], in fp32 and in
-    pair order: the per-token sum of pair rows [P, d] stored in expert order."""
+    pair order: the per-token sum of pair rows [P, d] stored in expert order. LIMIT: rows
+    from *limit on (the sentinel's, never written) count as zeros."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     tv = t < T
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nm = n < d
+    lim = tl.load(limit).to(tl.int64) if LIMIT else 0
     acc = tl.zeros((BT, BN), dtype=tl.float32)
     for s in range(0, hk):
         r = tl.load(inv + t.to(tl.int64) * hk + s, mask=tv, other=0).to(tl.int64)
-        acc += tl.load(rows + r[:, None] * d + n[None, :], mask=tv[:, None] & nm[None, :],
+        rv = tv & (r < lim) if LIMIT else tv
+        acc += tl.load(rows + r[:, None] * d + n[None, :], mask=rv[:, None] & nm[None, :],
                        other=0.0).to(tl.float32)
     tl.store(out + t.to(tl.int64)[:, None] * ldo + n[None, :], acc.to(out.dtype.element_ty),
              mask=tv[:, None] & nm[None, :])

@@ -22,13 +22,17 @@ CASES = {  # name: (T, d, experts, m, heads, k)
 }
 
 
-def run(case, dev):
+def run(case, dev, foreign=False):
+    """foreign: ~40% of the pairs belong to another expert-parallel rank, as the model
+    hands them over (dispatch.foreign_pairs_to_rows: the sentinel id n, their gates
+    zeroed); the reference gets them clamped into range with the same zero gates."""
     T, d, n, m, h, k = CASES[case]
     g = torch.Generator().manual_seed(hash(case) % 1000)
     idx = torch.randint(0, n, (T, h, k), generator=g)
     if case == "m16":
         idx[0, :, :] = 5                # one token choosing the same expert in every slot
         idx[:, 0, 0] = 7                # one expert chosen by every token
+    own = torch.rand(T, h, k, generator=g) > (0.4 if foreign else -1)
     x = torch.randn(T, d + 8, generator=g)[:, 4:4 + d]   # a column slice, as under TP
     U, V = torch.randn(n * m, d, generator=g), torch.randn(n * m, d, generator=g)
     gates = torch.randn(T, h, k, generator=g).softmax(-1)
@@ -36,7 +40,10 @@ def run(case, dev):
     out = {}
     for name, mod in (("ref", peer_ref), ("grp", peer_grouped)):
         leaves = [t.clone().to(dev).requires_grad_() for t in (x, U, V, gates)]
-        y = mod.peer_experts(leaves[0], idx.to(dev), leaves[3], leaves[1], leaves[2], F.gelu, m)
+        ids = dispatch.foreign_pairs_to_rows("reference" if mod is peer_ref else "grouped",
+                                             idx, own, n, m, x, U).to(dev)
+        y = mod.peer_experts(leaves[0], ids, leaves[3] * own.to(dev), leaves[1], leaves[2],
+                             F.gelu, m)
         y.backward(go.to(dev))
         out[name] = [y.detach()] + [t.grad for t in leaves]
     errs = {}
@@ -71,19 +78,22 @@ def bf16_errors(dev, T=512, d=256, n=64, m=16, h=4, k=16):
     return res
 
 
-def _repeats(dev, shape, seed):
+def _repeats(dev, shape, seed, foreign=False):
     """Reference, then the grouped path twice, on fresh inputs of `shape`: per output, the
-    error against the reference and the largest difference between the two repeats."""
+    error against the reference and the largest difference between the two repeats.
+    foreign: a third of the pairs as other EP ranks' (the sentinel id, gates zeroed)."""
     T, d, n, m, h, k = shape
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, n, (T, h, k), generator=g).to(dev)
     base = [torch.randn(T, d, generator=g), torch.randn(n * m, d, generator=g),
             torch.randn(n * m, d, generator=g), torch.randn(T, h, k, generator=g).softmax(-1)]
     go = torch.randn(T, d, generator=g).to(dev)
+    own = (torch.rand(T, h, k, generator=g) > (1 / 3 if foreign else -1)).to(dev)
     runs = []
     for mod in (peer_ref, peer_grouped, peer_grouped):
         leaves = [t.to(dev).requires_grad_() for t in base]
-        y = mod.peer_experts(leaves[0], idx, leaves[3], leaves[1], leaves[2], F.gelu, m)
+        ids = idx if mod is peer_ref else torch.where(own, idx, n)
+        y = mod.peer_experts(leaves[0], ids, leaves[3] * own, leaves[1], leaves[2], F.gelu, m)
         y.backward(go)
         runs.append([y.detach()] + [t.grad for t in leaves])
     res = {}
@@ -102,8 +112,11 @@ def deterministic(dev):
     saved = peer_grouped.DET_COLS
     peer_cuda.set_deterministic(True)
     peer_grouped.DET_COLS = 32
-    try:   # 80 columns: passes of 32, 32 and 16
-        return _repeats(dev, (64, 80, 4, 16, 4, 8), 11)
+    try:   # 80 columns: passes of 32, 32 and 16; then with other EP ranks' pairs
+        res = _repeats(dev, (64, 80, 4, 16, 4, 8), 11)
+        res.update({f"foreign_{k}": v for k, v in
+                    _repeats(dev, (64, 80, 4, 16, 4, 8), 12, foreign=True).items()})
+        return res
     finally:
         peer_cuda.set_deterministic(False)
         peer_grouped.DET_COLS = saved
@@ -177,6 +190,24 @@ def host_syncs(dev, shape=CASES["m16"], dtype=torch.float32):
         torch.cuda.set_sync_debug_mode(0)
 
 
+def foreign_zeros(dev):
+    """The dot's outputs of sentinel pairs are exactly zero (both forms), in memory that
+    held NaNs just before (the kernels must write them, not leave them): 1.0 if so."""
+    T, d, n, m, h, k = 24, 32, 4, 16, 2, 3
+    idx = torch.randint(0, n, (T, h, k), device=dev)
+    idx[::2, :, 1] = n
+    x, U = torch.randn(T, d, device=dev), torch.randn(n * m, d, device=dev)
+    ok = True
+    for srt in (False, True):
+        torch.full((T * h * k * m,), float("nan"), device=dev)   # freed at once: reused next
+        lay = peer_grouped.layout(idx, n, m)
+        s = peer_grouped.gather_dot(x, idx, U, m, srt, lay).reshape(-1, m)
+        sent = (idx.reshape(-1) == n)
+        rows = lay[5][sent].long() if srt else sent.nonzero()[:, 0]
+        ok &= bool((s[rows] == 0).all()) and bool(s.isfinite().all())
+    return {"ok": float(ok)}
+
+
 def layout_calls(dev):
     """How often one forward + backward of the expert step sorts its pairs (should be 1)."""
     from torch.profiler import profile
@@ -197,6 +228,12 @@ def main():
         print(json.dumps({"unavailable": why}))
         return 0
     res = {c: run(c, dev) for c in CASES}
+    # other expert-parallel ranks' pairs as the sentinel id: narrow (atomic axpy), wide in
+    # expert order (grouped GEMM + gather-sum) and in token order (row-form axpy)
+    res.update({f"foreign_{c}": run(c, dev, foreign=True) for c in ("m16", "m100_chunked")})
+    with mock.patch.object(peer_grouped, "SORTED_FORM", False):
+        res["foreign_token_order_m100"] = run("m100_chunked", dev, foreign=True)
+    res["foreign_zeros"] = foreign_zeros(dev)
     # through the model's dispatch, as model.peer.kernel=grouped uses it
     x = torch.randn(16, 32, device=dev)
     idx = torch.randint(0, 8, (16, 2, 4), device=dev)

@@ -21,12 +21,14 @@ def rel(a, b):
 
 def merged_case(dev, dt):
     """scatter_merged over three micro-batches of different sizes against the sum of one
-    scatter each (accumulated in fp64)."""
+    scatter each (accumulated in fp64); some pairs carry the sentinel id N_EXP (other
+    expert-parallel ranks' pairs), which neither form may add anywhere."""
     g = torch.Generator().manual_seed(1)
     want = torch.zeros(N_EXP * M, D, dtype=torch.float64)
     coefs, srcs, lays = [], [], []
     for T_i in (24, 17, 31):
         idx = torch.randint(0, N_EXP, (T_i, H, K), generator=g).to(dev)
+        idx[::3, 0] = N_EXP
         lay = peer_grouped._layout(idx, N_EXP, M)
         coef = torch.randn(idx.numel(), M, generator=g).to(dev, dt)   # expert order
         src = torch.randn(T_i, D + 6, generator=g).to(dev, dt)[:, 3:3 + D]   # strided rows
