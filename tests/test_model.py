@@ -107,3 +107,71 @@ def test_mla_does_not_think_te_is_present():
     from megatron.core.transformer import multi_latent_attention as mla
     from megapeer.parallel.cpu_shims import transformer_engine_available
     assert mla.HAVE_TE == transformer_engine_available()
+
+
+_STALE_CACHE_SCRIPT = r'''
+import sys, torch
+from torch import Tensor
+from megapeer.models import gpt
+width, ops_dir, tag = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+@torch.library.custom_op("cachetest::rows", mutates_args=())
+def rows(x: Tensor, n: int) -> Tensor:
+    return torch.arange(n + width, dtype=torch.float32)
+@rows.register_fake
+def _(x, n):
+    return x.new_empty(n + width)
+if tag:
+    gpt.tag_compile_caches(ops_dir)
+print(torch.compile(lambda x: rows(x, 4) * 2 + x.sum())(torch.ones(3)).tolist())
+'''
+
+
+def test_compile_caches_follow_the_ops_sources(tmp_path):
+    """An update that changes a custom op's fake output shape, then a run on a warm
+    torch.compile cache (inductor's FX graph cache keys on the graph's code, which is the
+    same): with megapeer's op sources in the cache key the updated run compiles afresh;
+    without (the mutant) it failed with "incorrect fake (aka meta) kernel"."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    script = tmp_path / "stale.py"
+    script.write_text(_STALE_CACHE_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=ROOT, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"),
+               OMP_NUM_THREADS="1")
+    env.pop("TORCH_COMPILE_CACHE_KEY_TAG", None)
+    old, new = tmp_path / "old_ops", tmp_path / "new_ops"
+    for d, text in ((old, "WIDTH = 1\n"), (new, "WIDTH = 0\n")):
+        d.mkdir()
+        (d / "op.py").write_text(text)
+
+    def run(width, ops_dir, tag):
+        return subprocess.run([sys.executable, str(script), str(width), str(ops_dir), tag],
+                              capture_output=True, text=True, env=env, timeout=300)
+    first = run(1, old, "1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.strip() == "[3.0, 5.0, 7.0, 9.0, 11.0]"
+    second = run(0, new, "1")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.strip() == "[3.0, 5.0, 7.0, 9.0]"
+
+
+def test_compile_cache_tag_keeps_the_users(tmp_path, monkeypatch):
+    """The tag: a hash of the ops' Python sources, appended once to a tag the user set."""
+    import torch.compiler.config as cc
+
+    from megapeer.models import gpt
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "notes.txt").write_text("not hashed\n")
+    h = gpt.ops_source_hash(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("changed\n")
+    assert gpt.ops_source_hash(str(tmp_path)) == h
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert gpt.ops_source_hash(str(tmp_path)) != h
+    monkeypatch.setattr(cc, "cache_key_tag", "mine")
+    tag = gpt.tag_compile_caches(str(tmp_path))
+    assert tag == "mine|megapeer-ops-" + gpt.ops_source_hash(str(tmp_path))
+    assert gpt.tag_compile_caches(str(tmp_path)) == tag   # once
+    monkeypatch.setattr(cc, "cache_key_tag", "")
+    assert gpt.tag_compile_caches().startswith("megapeer-ops-")
