@@ -6,13 +6,12 @@ to the 16-wide tile), 32 with hot experts spanning several blocks, 1, and 100 an
 multiples of the tiles, one token choosing one expert in every slot, x a column slice;
 one sort of the pairs per forward + backward (the layout is shared by the 6 kernel calls);
 and deterministic mode (the axpy without atomics, in column passes): reference values and
-bitwise-equal repeats; other expert-parallel ranks' pairs as the sentinel id (narrow,
-wide in both forms: against the reference with them clamped and gated 0; their dot
-outputs written as zeros over NaN-filled memory); the same for experts >= 128 wide
-outside deterministic mode (their
-axpy always writes one row per pair); the axpy and scatter in their other grid order
-(LOCAL off) and the scatter with its pair ids loaded a step ahead (PREFETCH): the
-benchmarks' comparisons. Experts >= 128 wide take the expert-ordered form (s and w sorted
+bitwise-equal repeats; the same for experts >= 128 wide outside deterministic mode (their
+axpy always writes one row per pair); other expert-parallel ranks' pairs as the sentinel
+id (narrow, deterministic, wide in both forms: against the reference with them on
+valid rows and gated 0; their dot outputs written as zeros over NaN-filled memory); the axpy and
+scatter in their other grid order (LOCAL off) and the scatter with its pair ids loaded a
+step ahead (PREFETCH): the benchmarks' comparisons. Experts >= 128 wide take the expert-ordered form (s and w sorted
 by expert, the axpy as torch's grouped GEMM + a per-token sum): checked as above, and the
 token-ordered form for them too (SORTED_FORM off), and both forms under torch.compile;
 through the model under TP2, EP2 and

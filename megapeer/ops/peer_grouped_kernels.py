@@ -2,11 +2,13 @@
 
 Each block holds up to BM (token, expert) pairs of one expert, sorted by expert; offsets
 are int64. Blocks of expert n_exp (the sentinel: other expert-parallel ranks' pairs) read
-nothing: the dot writes their outputs as zeros, the axpy zero rows (or adds nothing). m is padded to MB >= 16 (tensor-core tiles) and masked; wide experts are cut
-into chunks of MC <= MB columns (grid axis of the dot and scatter, a loop in the axpy).
-The axpy and scatter run on a 1-D grid; with LOCAL the programs that share a block's
-(axpy) or an expert's (scatter) gathered rows are consecutive, so those rows are read from
-memory once and then from L2 (without it, each d-tile's wave re-reads them all).
+nothing: the dot writes their outputs as zeros, the axpy zero rows (or adds nothing),
+skipping the work by a branch (SKIP_IF) or by masked loads. m is padded to MB >= 16
+(tensor-core tiles) and masked; wide experts are cut into chunks of MC <= MB columns
+(grid axis of the dot and scatter, a loop in the axpy). The axpy and scatter run on a 1-D
+grid; with LOCAL the programs that share a block's (axpy) or an expert's (scatter)
+gathered rows are consecutive, so those rows are read from memory once and then from L2
+(without it, each d-tile's wave re-reads them all).
 """
 import triton
 import triton.language as tl
@@ -61,7 +63,7 @@ def peer_grouped_dot(x, ldx, tab, ldt, s, order, block_expert, block_start, expe
     if SKIP_IF:
         if e < n_exp:
             acc = _dot_sum(acc, x, ldx, tab, ldt, tok, valid, rows, jv, d, d, BK, IEEE)
-    else:   # masked loads instead (the benchmark's comparison)
+    else:   # masked loads: no memory traffic, but the tensor-core work still runs
         acc = _dot_sum(acc, x, ldx, tab, ldt, tok, valid, rows, jv, d,
                        tl.where(e < n_exp, d, 0), BK, IEEE)
     dst = pair

@@ -25,7 +25,8 @@ CASES = {  # name: (T, d, experts, m, heads, k)
 def run(case, dev, foreign=False):
     """foreign: ~40% of the pairs belong to another expert-parallel rank, as the model
     hands them over (dispatch.foreign_pairs_to_rows: the sentinel id n, their gates
-    zeroed); the reference gets them clamped into range with the same zero gates."""
+    zeroed); the reference gets them spread over its rows (its form) with the same zero
+    gates."""
     T, d, n, m, h, k = CASES[case]
     g = torch.Generator().manual_seed(hash(case) % 1000)
     idx = torch.randint(0, n, (T, h, k), generator=g)
