@@ -157,8 +157,10 @@ def test_compile_caches_follow_the_ops_sources(tmp_path):
     assert second.stdout.strip() == "[3.0, 5.0, 7.0, 9.0]"
 
 
-def test_compile_cache_tag_keeps_the_users(tmp_path, monkeypatch):
-    """The tag: a hash of the ops' Python sources, appended once to a tag the user set."""
+def test_compile_cache_tag_keeps_the_users(tmp_path):
+    """The tag: a hash of the ops' Python sources, appended once to a tag the user set.
+    (torch's config patch, not pytest's monkeypatch: undoing that deletes the key, and
+    every later compile in the process failed.)"""
     import torch.compiler.config as cc
 
     from megapeer.models import gpt
@@ -169,9 +171,11 @@ def test_compile_cache_tag_keeps_the_users(tmp_path, monkeypatch):
     assert gpt.ops_source_hash(str(tmp_path)) == h
     (tmp_path / "a.py").write_text("x = 2\n")
     assert gpt.ops_source_hash(str(tmp_path)) != h
-    monkeypatch.setattr(cc, "cache_key_tag", "mine")
-    tag = gpt.tag_compile_caches(str(tmp_path))
-    assert tag == "mine|megapeer-ops-" + gpt.ops_source_hash(str(tmp_path))
-    assert gpt.tag_compile_caches(str(tmp_path)) == tag   # once
-    monkeypatch.setattr(cc, "cache_key_tag", "")
-    assert gpt.tag_compile_caches().startswith("megapeer-ops-")
+    before = cc.cache_key_tag
+    with cc.patch(cache_key_tag="mine"):
+        tag = gpt.tag_compile_caches(str(tmp_path))
+        assert tag == "mine|megapeer-ops-" + gpt.ops_source_hash(str(tmp_path))
+        assert gpt.tag_compile_caches(str(tmp_path)) == tag   # once
+    with cc.patch(cache_key_tag=""):
+        assert gpt.tag_compile_caches().startswith("megapeer-ops-")
+    assert cc.cache_key_tag == before
