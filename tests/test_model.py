@@ -112,7 +112,7 @@ def test_mla_does_not_think_te_is_present():
 _STALE_CACHE_SCRIPT = r'''
 import sys, torch
 from torch import Tensor
-from megapeer.models import gpt
+from megapeer.ops import compile_cache
 width, ops_dir, tag = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
 @torch.library.custom_op("cachetest::rows", mutates_args=())
 def rows(x: Tensor, n: int) -> Tensor:
@@ -121,7 +121,7 @@ def rows(x: Tensor, n: int) -> Tensor:
 def _(x, n):
     return x.new_empty(n + width)
 if tag:
-    gpt.tag_compile_caches(ops_dir)
+    compile_cache.tag_compile_caches(ops_dir)
 print(torch.compile(lambda x: rows(x, 4) * 2 + x.sum())(torch.ones(3)).tolist())
 '''
 
@@ -163,19 +163,19 @@ def test_compile_cache_tag_keeps_the_users(tmp_path):
     every later compile in the process failed.)"""
     import torch.compiler.config as cc
 
-    from megapeer.models import gpt
+    from megapeer.ops import compile_cache as cache
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "notes.txt").write_text("not hashed\n")
-    h = gpt.ops_source_hash(str(tmp_path))
+    h = cache.ops_source_hash(str(tmp_path))
     (tmp_path / "notes.txt").write_text("changed\n")
-    assert gpt.ops_source_hash(str(tmp_path)) == h
+    assert cache.ops_source_hash(str(tmp_path)) == h
     (tmp_path / "a.py").write_text("x = 2\n")
-    assert gpt.ops_source_hash(str(tmp_path)) != h
+    assert cache.ops_source_hash(str(tmp_path)) != h
     before = cc.cache_key_tag
     with cc.patch(cache_key_tag="mine"):
-        tag = gpt.tag_compile_caches(str(tmp_path))
-        assert tag == "mine|megapeer-ops-" + gpt.ops_source_hash(str(tmp_path))
-        assert gpt.tag_compile_caches(str(tmp_path)) == tag   # once
+        tag = cache.tag_compile_caches(str(tmp_path))
+        assert tag == "mine|megapeer-ops-" + cache.ops_source_hash(str(tmp_path))
+        assert cache.tag_compile_caches(str(tmp_path)) == tag   # once
     with cc.patch(cache_key_tag=""):
-        assert gpt.tag_compile_caches().startswith("megapeer-ops-")
+        assert cache.tag_compile_caches().startswith("megapeer-ops-")
     assert cc.cache_key_tag == before

@@ -1,7 +1,5 @@
 """build_model: Megatron-Core GPTModel chunks with MLA attention and dense/PEER MLPs."""
-import hashlib
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +8,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
+from ..ops import compile_cache
 from ..parallel import cpu_shims
 from ..parallel.cpu_shims import transformer_engine_available
 from .attention import KVDownProjection
@@ -182,7 +181,7 @@ def compile_layers(chunks, mode="default") -> int:
     """
     import torch._inductor.config as inductor_config
     inductor_config.pattern_matcher = False
-    tag_compile_caches()
+    compile_cache.tag_compile_caches()
     n = 0
     for c in chunks:
         model = c.module if isinstance(c, Float16Module) else c
@@ -192,36 +191,6 @@ def compile_layers(chunks, mode="default") -> int:
             layer.compile(mode=None if mode == "default" else mode)
             n += 1
     return n
-
-
-_OPS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ops")
-
-
-def ops_source_hash(ops_dir: str = _OPS_DIR) -> str:
-    """16 hex digits of a hash over the Python sources in ops_dir (megapeer/ops: where the
-    custom ops and their fake implementations are defined)."""
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(ops_dir)):
-        if name.endswith(".py"):
-            h.update(name.encode() + b"\0")
-            with open(os.path.join(ops_dir, name), "rb") as f:
-                h.update(f.read())
-    return h.hexdigest()[:16]
-
-
-def tag_compile_caches(ops_dir: str = _OPS_DIR) -> str:
-    """Add megapeer's op sources to the key of torch.compile's on-disk caches; returns the
-    tag. Inductor's FX graph cache (on by default) keys on the graph's code, which names
-    the custom ops but not their fake implementations, whose output shapes the compiled
-    code bakes in: after an update changed them, a warm cache failed with "incorrect
-    fake (aka meta) kernel" (reproduced on CPU, torch 2.13). A tag the user set
-    (TORCH_COMPILE_CACHE_KEY_TAG) is kept in front of ours."""
-    import torch.compiler.config as compiler_config
-    ours = "megapeer-ops-" + ops_source_hash(ops_dir)
-    tag = compiler_config.cache_key_tag
-    if ours not in tag.split("|"):
-        compiler_config.cache_key_tag = f"{tag}|{ours}" if tag else ours
-    return compiler_config.cache_key_tag
 
 
 def keep_tp_linears_eager(layer) -> int:
