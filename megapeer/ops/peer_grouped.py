@@ -64,16 +64,14 @@ from . import peer_ref
 # LOCAL: the 1-D grid order of axpy and scatter; PREFETCH: the scatter loads its pair ids
 # a step ahead (peer_grouped_kernels.py; H200, docs/benchmarks.md calls 34 and 40);
 # INV_STORE: the expert-ordered dot reads its output rows from the layout's inv;
-# SKIP_IF: the sentinel's blocks skip their loop by a branch (False: by masked loads;
+# SKIP_IF: the axpy's sentinel blocks skip their loop by a branch (False: by masked loads;
 # the branch cost the narrow atomic axpy 28%, H200, docs/benchmarks.md call 104).
-TILES = {"dot": dict(BM=64, BK=64, MC=64, num_warps=4, num_stages=3, INV_STORE=True,
-                    SKIP_IF=True),
+TILES = {"dot": dict(BM=64, BK=64, MC=64, num_warps=4, num_stages=3, INV_STORE=True),
          "axpy": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3, LOCAL=True,
                       SKIP_IF=False),
          "scatter": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3, LOCAL=True,
                          PREFETCH=False)}
-TILES_WIDE = {"dot": dict(BM=128, BK=64, MC=256, num_warps=8, num_stages=3, INV_STORE=True,
-                         SKIP_IF=True),
+TILES_WIDE = {"dot": dict(BM=128, BK=64, MC=256, num_warps=8, num_stages=3, INV_STORE=True),
               "axpy": dict(BM=128, BN=256, MC=64, num_warps=8, num_stages=3, LOCAL=True,
                            SKIP_IF=True),
               "scatter": dict(BM=64, BN=128, MC=128, num_warps=8, num_stages=3, LOCAL=True,
@@ -132,8 +130,8 @@ def _layout_op(idx: Tensor, n_exp: int, bm: int) -> tuple[Tensor, Tensor, Tensor
     under torch.cuda.set_sync_debug_mode("error"))."""
     keys, order, inv = peer_ref.sort_by_expert(idx.reshape(-1), n_exp + 1)
     order = order.to(torch.int32)
-    bounds = torch.searchsorted(keys, torch.arange(n_exp + 1, device=idx.device, dtype=keys.dtype))
-    bounds = torch.cat([bounds, bounds.new_full((1,), idx.numel())])
+    # each group's first place, and P after the sentinel's (ids are at most n_exp)
+    bounds = torch.searchsorted(keys, torch.arange(n_exp + 2, device=idx.device, dtype=keys.dtype))
     counts = (bounds[1:] - bounds[:-1]).to(torch.int32)
     expert_off = bounds[:-1].to(torch.int32)
     blocks = (counts + bm - 1) // bm

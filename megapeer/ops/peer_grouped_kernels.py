@@ -3,10 +3,10 @@
 Each block holds up to BM (token, expert) pairs of one expert, sorted by expert; offsets
 are int64. Blocks of expert n_exp (the sentinel: other expert-parallel ranks' pairs) read
 nothing: the dot writes their outputs as zeros, the axpy zero rows (or adds nothing),
-skipping the work by a branch (SKIP_IF) or by masked loads. m is padded to MB >= 16
-(tensor-core tiles) and masked; wide experts are cut into chunks of MC <= MB columns
-(grid axis of the dot and scatter, a loop in the axpy). The axpy and scatter run on a 1-D
-grid; with LOCAL the programs that share a block's (axpy) or an expert's (scatter)
+skipping the work by a branch (the dot; the axpy with SKIP_IF) or by masked loads. m is
+padded to MB >= 16 (tensor-core tiles) and masked; wide experts are cut into chunks of
+MC <= MB columns (grid axis of the dot and scatter, a loop in the axpy). The axpy and
+scatter run on a 1-D grid; with LOCAL the programs that share a block's (axpy) or an expert's (scatter)
 gathered rows are consecutive, so those rows are read from memory once and then from L2
 (without it, each d-tile's wave re-reads them all).
 """
@@ -30,12 +30,12 @@ def _block(b, order, block_expert, block_start, expert_off, counts, hk, n_exp,
 
 
 @triton.jit
-def _dot_sum(acc, x, ldx, tab, ldt, tok, valid, rows, jv, d, dlim, BK: tl.constexpr,
+def _dot_sum(acc, x, ldx, tab, ldt, tok, valid, rows, jv, d, BK: tl.constexpr,
              IEEE: tl.constexpr):
-    """acc [BM, MC] += x[tok] . tab[rows]^T over d; columns from dlim on read as zeros."""
+    """acc [BM, MC] += x[tok] . tab[rows]^T over d."""
     for k0 in range(0, d, BK):
         kk = k0 + tl.arange(0, BK)
-        km = kk < dlim
+        km = kk < d
         xt = tl.load(x + tok[:, None] * ldx + kk[None, :], mask=valid[:, None] & km[None, :],
                      other=0.0)
         ut = tl.load(tab + rows[:, None] * ldt + kk[None, :], mask=jv[:, None] & km[None, :],
@@ -51,21 +51,17 @@ def _dot_sum(acc, x, ldx, tab, ldt, tok, valid, rows, jv, d, dlim, BK: tl.conste
 def peer_grouped_dot(x, ldx, tab, ldt, s, order, block_expert, block_start, expert_off,
                      counts, inv, hk, m, d, n_exp, BM: tl.constexpr, MB: tl.constexpr,
                      BK: tl.constexpr, MC: tl.constexpr, IEEE: tl.constexpr,
-                     SORTED: tl.constexpr = False, INV_STORE: tl.constexpr = True,
-                     SKIP_IF: tl.constexpr = True):
+                     SORTED: tl.constexpr = False, INV_STORE: tl.constexpr = True):
     e, pair, tok, valid, pos = _block(tl.program_id(0), order, block_expert, block_start,
                                       expert_off, counts, hk, n_exp, BM)
     j = tl.program_id(1) * MC + tl.arange(0, MC)
     jv = j < m
     rows = e * m + j
     acc = tl.zeros((BM, MC), dtype=tl.float32)
-    # the sentinel's blocks (e = n_exp) read nothing: their outputs are stored as zeros
-    if SKIP_IF:
-        if e < n_exp:
-            acc = _dot_sum(acc, x, ldx, tab, ldt, tok, valid, rows, jv, d, d, BK, IEEE)
-    else:   # masked loads: no memory traffic, but the tensor-core work still runs
-        acc = _dot_sum(acc, x, ldx, tab, ldt, tok, valid, rows, jv, d,
-                       tl.where(e < n_exp, d, 0), BK, IEEE)
+    # the sentinel's blocks (e = n_exp) skip the loop (a branch: masked loads would still
+    # run the tensor-core work); their outputs are stored as zeros
+    if e < n_exp:
+        acc = _dot_sum(acc, x, ldx, tab, ldt, tok, valid, rows, jv, d, BK, IEEE)
     dst = pair
     if SORTED:   # s in expert order, [P, m]: row pos (= inv[pair])
         if INV_STORE:   # read from inv: stored as the token-ordered rows are (faster, H200)

@@ -93,7 +93,8 @@ def _repeats(dev, shape, seed, foreign=False):
     runs = []
     for mod in (peer_ref, peer_grouped, peer_grouped):
         leaves = [t.to(dev).requires_grad_() for t in base]
-        ids = idx if mod is peer_ref else torch.where(own, idx, n)
+        ids = idx if mod is peer_ref else dispatch.foreign_pairs_to_rows(
+            "grouped", idx, own, n, m, leaves[0], leaves[1])
         y = mod.peer_experts(leaves[0], ids, leaves[3] * own, leaves[1], leaves[2], F.gelu, m)
         y.backward(go)
         runs.append([y.detach()] + [t.grad for t in leaves])
