@@ -9,7 +9,8 @@ and deterministic mode (the axpy without atomics, in column passes): reference v
 bitwise-equal repeats; the same for experts >= 128 wide outside deterministic mode (their
 axpy always writes one row per pair); other expert-parallel ranks' pairs as the sentinel
 id (narrow, deterministic, wide in both forms: against the reference with them on
-valid rows and gated 0; their dot outputs written as zeros over NaN-filled memory); the axpy and
+valid rows and gated 0; their dot outputs written as zeros over NaN-filled memory); the
+layout's Triton kernels equal to its torch form (layout_torch) on awkward ids; the axpy and
 scatter in their other grid order (LOCAL off) and the scatter with its pair ids loaded a
 step ahead (PREFETCH): the benchmarks' comparisons. Experts >= 128 wide take the expert-ordered form (s and w sorted
 by expert, the axpy as torch's grouped GEMM + a per-token sum): checked as above, and the
@@ -57,6 +58,8 @@ def test_grouped_kernels_match_reference():
             "foreign_m100_chunked"}
     # other EP ranks' pairs (the sentinel id): the dot writes zeros for them, not garbage
     assert res.pop("foreign_zeros") == {"ok": 1.0}
+    # the layout's Triton kernels give layout_torch's tensors exactly
+    assert res.pop("layout_kernels") == {"ok": 1.0}
     for case, errs in res.items():
         if "expert_order" in errs:
             want = case in wide and not torch.cuda.is_available()

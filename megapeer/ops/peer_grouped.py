@@ -125,9 +125,45 @@ def _layout_op(idx: Tensor, n_exp: int, bm: int) -> tuple[Tensor, Tensor, Tensor
     block_start, expert_off, counts [n_exp + 1], inv [P] (each pair's place in the expert
     order: the expert-ordered form's way back). Id n_exp is the sentinel (SKIPS_SENTINEL): other
     expert-parallel ranks' pairs, sorted last as group n_exp, whose blocks the kernels only
-    fill with zeros. Torch ops on the device, sized by upper bounds (no host sync:
-    torch.bincount would read the largest id back to the host; the GPU test runs this
-    under torch.cuda.set_sync_debug_mode("error"))."""
+    fill with zeros. On the device, sized by upper bounds (no host sync: torch.bincount
+    would read the largest id back to the host; the GPU test runs this under
+    torch.cuda.set_sync_debug_mode("error")): torch's sort, then two Triton kernels
+    (_layout_kernels) where LAYOUT_KERNELS allows, else torch ops (layout_torch)."""
+    if not _layout_kernels(idx, n_exp):
+        return layout_torch(idx, n_exp, bm)
+    triton, *_ = _k()
+    from . import peer_grouped_kernels as pk
+    flat = idx.reshape(-1)
+    P, dev = flat.numel(), idx.device
+    keys, order = torch.sort(flat.to(peer_ref.key_dtype(n_exp + 1)), stable=True)
+    i32 = dict(dtype=torch.int32, device=dev)
+    order32, inv = torch.empty(P, **i32), torch.empty(P, **i32)
+    bounds = torch.empty(n_exp + 2, **i32)
+    pk.peer_layout_pairs[(triton.cdiv(P + 1, 1024),)](keys, order, order32, inv, bounds, P,
+                                                       n_exp, BP=1024)
+    expert_off, counts, block_start = (torch.empty(n_exp + 1, **i32) for _ in range(3))
+    block_expert = torch.empty(_n_blocks(P, n_exp, bm), **i32)
+    pk.peer_layout_blocks[(1,)](bounds, expert_off, counts, block_start, block_expert, n_exp,
+                                bm, block_expert.numel(), GB=1024, BB=1024)
+    return order32, block_expert, block_start, expert_off, counts, inv
+
+
+# The layout's two Triton kernels (_layout_op) instead of layout_torch's 20 torch launches
+# after the sort: the op's host time 470 -> 259 us per call at the 1.3B `mla_peer_wider`
+# layer (H200, bench/peer_host.py; docs/benchmarks.md, call 111). The per-group kernel is
+# one program over chunks of groups: up to LAYOUT_KERNEL_GROUPS groups, layout_torch beyond.
+LAYOUT_KERNELS = True
+LAYOUT_KERNEL_GROUPS = 1 << 16
+
+
+def _layout_kernels(idx: Tensor, n_exp: int) -> bool:
+    from .triton_util import interpret
+    return (LAYOUT_KERNELS and n_exp + 1 <= LAYOUT_KERNEL_GROUPS
+            and idx.numel() < 2 ** 31 and (idx.is_cuda or interpret()))
+
+
+def layout_torch(idx: Tensor, n_exp: int, bm: int) -> tuple:
+    """_layout_op's result from torch ops (any device; the Triton kernels' reference)."""
     keys, order, inv = peer_ref.sort_by_expert(idx.reshape(-1), n_exp + 1)
     order = order.to(torch.int32)
     # each group's first place, and P after the sentinel's (ids are at most n_exp)

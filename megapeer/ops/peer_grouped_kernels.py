@@ -203,3 +203,50 @@ def peer_gather_sum(rows, inv, out, ldo, T, hk, d, limit, BT: tl.constexpr, BN: 
                        other=0.0).to(tl.float32)
     tl.store(out + t.to(tl.int64)[:, None] * ldo + n[None, :], acc.to(out.dtype.element_ty),
              mask=tv[:, None] & nm[None, :])
+
+
+@triton.jit
+def peer_layout_pairs(keys, order, order32, inv, bounds, P, n_exp, BP: tl.constexpr):
+    """The layout's per-pair part, from keys [P] sorted stably (the expert ids) and order
+    [P] int64: order32 = order, inv[order[i]] = i (int32), and bounds[g] (g in [0, n_exp +
+    1]) = the first place of group g, i.e. P where g is past the last key. Position i in
+    [0, P] (P: the end) starts groups keys[i - 1] + 1 .. keys[i] (-1 before the first;
+    n_exp + 1 at the end); keys are clamped to [0, n_exp], so writes stay in bounds."""
+    i = tl.program_id(0) * BP + tl.arange(0, BP)
+    inr = i < P
+    o = tl.load(order + i, mask=inr, other=0)
+    tl.store(order32 + i, o.to(tl.int32), mask=inr)
+    tl.store(inv + o, i.to(tl.int32), mask=inr)
+    cur = tl.load(keys + i, mask=inr, other=0).to(tl.int32)
+    cur = tl.where(inr, tl.minimum(tl.maximum(cur, 0), n_exp), n_exp + 1)
+    prev = tl.load(keys + i - 1, mask=(i > 0) & (i <= P), other=0).to(tl.int32)
+    prev = tl.where(i > 0, tl.minimum(tl.maximum(prev, 0), n_exp), -1)
+    live = i <= P
+    n = tl.where(live, cur - prev, 0)          # groups starting at i (0 inside a group)
+    for j in range(0, tl.max(n, 0)):
+        tl.store(bounds + prev + 1 + j, i.to(tl.int32), mask=live & (j < n))
+
+
+@triton.jit
+def peer_layout_blocks(bounds, expert_off, counts, block_start, block_expert, n_exp, bm,
+                       n_blocks, GB: tl.constexpr, BB: tl.constexpr):
+    """The layout's per-group part (one program): from bounds [n_exp + 2], each group's
+    expert_off, counts, block_start (its first block of bm pairs) and block_expert (each
+    block's group; -1 past the last block), groups in chunks of GB."""
+    carry = tl.zeros((), tl.int32)
+    for g0 in range(0, n_exp + 1, GB):
+        g = g0 + tl.arange(0, GB)
+        v = g <= n_exp
+        lo = tl.load(bounds + g, mask=v, other=0)
+        cnt = tl.where(v, tl.load(bounds + g + 1, mask=v, other=0) - lo, 0)
+        blocks = (cnt + bm - 1) // bm
+        start = tl.cumsum(blocks, 0) - blocks + carry
+        tl.store(expert_off + g, lo, mask=v)
+        tl.store(counts + g, cnt, mask=v)
+        tl.store(block_start + g, start, mask=v)
+        for j in range(0, tl.max(blocks, 0)):
+            tl.store(block_expert + start + j, g, mask=v & (j < blocks))
+        carry += tl.sum(blocks, 0)
+    for b0 in range(0, n_blocks, BB):
+        b = b0 + tl.arange(0, BB)
+        tl.store(block_expert + b, -1, mask=(b >= carry) & (b < n_blocks))

@@ -55,12 +55,16 @@ def sort_by_expert(flat: torch.Tensor, n_exp: int):
     narrowest integer type that holds n_exp (a GPU radix sort makes one pass per key byte:
     2 for <= 32767 experts against 8 for int64), and inv is a scatter, not a second sort.
     The sorted ids come back in that narrow type."""
-    kd = (torch.int16 if n_exp <= torch.iinfo(torch.int16).max else
-          torch.int32 if n_exp <= torch.iinfo(torch.int32).max else torch.int64)
-    keys, order = torch.sort(flat.to(kd), stable=True)
+    keys, order = torch.sort(flat.to(key_dtype(n_exp)), stable=True)
     inv = torch.empty_like(order).scatter_(
         0, order, torch.arange(order.numel(), device=order.device))
     return keys, order, inv
+
+
+def key_dtype(n_exp: int) -> torch.dtype:
+    """The narrowest integer type that holds ids below n_exp (sort_by_expert's keys)."""
+    return (torch.int16 if n_exp <= torch.iinfo(torch.int16).max else
+            torch.int32 if n_exp <= torch.iinfo(torch.int32).max else torch.int64)
 
 
 class Permute(torch.autograd.Function):

@@ -210,6 +210,29 @@ def foreign_zeros(dev):
     return {"ok": float(ok)}
 
 
+def layout_kernels(dev):
+    """The layout's Triton kernels against layout_torch, exactly: random ids, other ranks'
+    pairs (the sentinel), a hot expert over many blocks, experts left empty (also past the
+    last id), more groups than one chunk of the per-group kernel, blocks of 1, no pairs.
+    1.0 if every output is equal (values and dtype), else the first mismatch's case."""
+    g = torch.Generator().manual_seed(7)
+    for T, h, k, n, bm in [(37, 2, 3, 8, 64), (300, 4, 8, 256, 128), (700, 2, 4, 3000, 64),
+                           (50, 2, 2, 2100, 1), (0, 2, 2, 5, 64)]:
+        rnd = torch.randint(0, n, (T, h, k), generator=g)
+        coin = torch.rand(T, h, k, generator=g)
+        for name, idx in (("random", rnd), ("sentinel", torch.where(coin < 0.4, n, rnd)),
+                          ("hot", torch.where(coin < 0.9, n // 2, rnd)),
+                          ("sparse", rnd // 7 * 7), ("low", rnd // max(1, n // 3))):
+            idx = idx.to(dev)
+            with mock.patch.object(peer_grouped, "LAYOUT_KERNELS", True):
+                a = peer_grouped._layout_op(idx, n, bm)
+            b = peer_grouped.layout_torch(idx, n, bm)
+            if not peer_grouped._layout_kernels(idx, n) or not all(
+                    x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b)):
+                return {"mismatch": f"{name} T={T} n={n} bm={bm}"}
+    return {"ok": 1.0}
+
+
 def layout_calls(dev):
     """How often one forward + backward of the expert step sorts its pairs (should be 1)."""
     from torch.profiler import profile
@@ -244,6 +267,7 @@ def main():
     b = peer_ref.gather_dot(x, idx, U, 16)
     res["dispatch"] = {"out": float((a - b).abs().max() / b.abs().max())}
     res["layout_calls"] = layout_calls(dev)
+    res["layout_kernels"] = layout_kernels(dev)
     res["deterministic"] = deterministic(dev)
     res["wide_rows"] = wide_rows(dev)
     res.update(other_settings(dev))
