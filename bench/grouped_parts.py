@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.grouped_tune import SHAPES, header  # noqa: E402
+from bench.grouped_tune import SHAPES, header, shapes_arg  # noqa: E402
 
 
 def main():
@@ -35,9 +35,7 @@ def main():
     ap.add_argument("--shapes", default="wider_mb2,wider")
     ap.add_argument("--json")
     args = ap.parse_args()
-    unknown = set(args.shapes.split(",")) - set(SHAPES)
-    if unknown:
-        ap.error(f"--shapes: unknown {sorted(unknown)}; choose from {', '.join(SHAPES)}")
+    shapes = shapes_arg(ap, args.shapes)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (the kernels are timed there)")
     import triton
@@ -47,7 +45,7 @@ def main():
     from megapeer.ops.peer_grouped_kernels import peer_gather_sum
     dev, bf = "cuda", dict(device="cuda", dtype=torch.bfloat16)
     out = header("rows")
-    for shape in args.shapes.split(","):
+    for shape in shapes:
         T, d, E, h, k, m = SHAPES[shape]
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn(T, d, generator=g, **bf)

@@ -30,6 +30,15 @@ KERNELS = ("dot", "axpy", "axpy_store", "scatter")
 DEV = "cuda"
 
 
+def shapes_arg(ap, text):
+    """The shape names of a --shapes value, each one of SHAPES (else ap.error)."""
+    names = text.split(",")
+    unknown = set(names) - set(SHAPES)
+    if unknown:
+        ap.error(f"--shapes: unknown {sorted(unknown)}; choose from {', '.join(SHAPES)}")
+    return names
+
+
 def header(key):
     """The run's card, torch and Triton (printed, and in the JSON), with an empty list under
     key for its rows (shared with bench/grouped_parts.py)."""

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.grouped_tune import SHAPES, header  # noqa: E402
+from bench.grouped_tune import SHAPES, header, shapes_arg  # noqa: E402
 
 
 def host_us(fn, calls, reps=5):
@@ -47,9 +47,7 @@ def main():
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--json")
     args = ap.parse_args()
-    unknown = set(args.shapes.split(",")) - set(SHAPES)
-    if unknown:
-        ap.error(f"--shapes: unknown {sorted(unknown)}; choose from {', '.join(SHAPES)}")
+    shapes = shapes_arg(ap, args.shapes)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (host time is what the GPU waits for)")
     import triton.testing
@@ -58,7 +56,7 @@ def main():
     from megapeer.ops import product_topk  # noqa: F401  (registers megapeer::product_topk)
     ops = torch.ops.megapeer
     out = header("rows")
-    for shape in args.shapes.split(","):
+    for shape in shapes:
         T, d, E, h, k, m = SHAPES[shape]
         g = torch.Generator(device="cuda").manual_seed(0)
         bf = dict(device="cuda", dtype=torch.bfloat16)
