@@ -61,6 +61,8 @@ KillWait=60
 # finished jobs stay visible to 'scontrol show job' for this long (no accounting here)
 MinJobAge=600
 SchedulerParameters=sched_interval=2
+# a requeued job waits the credential lifetime before it starts again (default 120 s)
+AuthInfo=cred_expire=20
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool
 SlurmctldPidFile=$STATE/slurmctld.pid
