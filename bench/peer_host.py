@@ -9,7 +9,7 @@ graph calls it (torch.ops.megapeer.*):
   gpu   us per call from triton.testing.do_bench: the GPU's time, or the host's where the
         host is the slower (then the call waits on the host, as the layer's forward did)
 for the layout (the sort and its blocks: Triton kernels, then torch ops, LAYOUT_KERNELS),
-retrieval's product-key top-k, the dot and the axpy, and the three together.
+retrieval's product-key top-k, the dot and the axpy, and the four together.
 
   python3 bench/peer_host.py [--shapes wider_mb2] [--calls 20] [--json out.json]
 """
