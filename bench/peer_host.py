@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--json")
     args = ap.parse_args()
     shapes = shapes_arg(ap, args.shapes)
+    if args.calls < 1:
+        ap.error(f"--calls must be at least 1, got {args.calls}")
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (host time is what the GPU waits for)")
     import triton.testing
