@@ -9,7 +9,9 @@ single scatters (1e-6), how many micro-batches each table-gradient pass took, no
 the first pass, and an error when a step ends with inputs kept; deferred gradients written
 into an fp32 main_grad (as under Megatron's DDP): added to the values it holds, or stored
 once table_grads.zeroed says it was zeroed (it holds NaN there, which must not show), and
-an ordinary gradient of the table ending that state.
+an ordinary gradient of the table ending that state; a main_grad left stale by
+zero_grad_buffer (lazy zeroing) zeroed before an ordinary gradient or, where no gradient
+came, by table_grads.settle, and whether a step's first write stored it whole.
 On a GPU the same in bf16 with experts 128 wide (the form's 16-byte rows): the deferred
 table gradients within the per-micro-batch bf16 error against fp32, plus 1e-3. Through
 the trainer: the tiny MLA+PEER of tests/test_parallel.py with experts 128 wide and deferral against the
@@ -47,6 +49,9 @@ def test_deferred_table_grads_match_per_micro_batch():
     assert res.pop("scatter_merged") < (1e-6 if not torch.cuda.is_available() else 1e-2)
     assert res.pop("single_micro_batch_calls") == 0
     assert "still hold 2 micro-batch(es)" in res.pop("short_step")
+    lazy = res.pop("lazy_zeroing")
+    for k in ("grad_zeroes", "grad_not_whole", "settle_zeroes", "settle_keeps_fresh"):
+        assert lazy.pop(k) is True, k
     for case, r in res.items():
         assert r.pop("calls_ok"), case
         assert r.pop("none_before_flush", True), case
@@ -59,10 +64,12 @@ def test_deferred_table_grads_match_per_micro_batch():
 
 @pytest.mark.timeout(900)
 def test_deferred_table_grads_in_parallel_layouts(tmp_path, wide_reference):
-    """One training step through Megatron's schedule with model.peer.defer_table_grads=3
+    """A training step through Megatron's schedule with model.peer.defer_table_grads=3
     (4 micro-batches on one rank, 2 per rank under DP2, also with the reduction overlapped
     with the backward; under PP2 the 1F1B schedule; under TP2 the tables' column slices,
-    under EP2 their row slices)."""
+    under EP2 their row slices), run twice: the second's zero_grad_buffer leaves the
+    tables' main_grads as the first left them (their first write stored them whole), and
+    its gradients are checked."""
     import torch
     if torch.cuda.is_available():
         pytest.skip("CPU check (Triton interpreter)")
@@ -78,6 +85,7 @@ def test_deferred_table_grads_in_parallel_layouts(tmp_path, wide_reference):
         assert r["missing"] == [], layout
         assert abs(r["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (layout, r, ref["loss"])
         assert r["grad_rel_err"] < 1e-4, (layout, r)
+        assert r["tables_kept"] is True, layout   # not zeroed for the second step, the rest was
     assert got["dp2overlap"]["tables_ready"] is True   # their buckets reduced during backward
 
 
@@ -107,3 +115,31 @@ def test_trainer_states_the_deferral_buffers(monkeypatch):
     assert loop._defer_buffer_gib(None, cfg, 4) == 12 * 4 * 320 / 1024
     layer.ep_size = 2   # experts see the expert-parallel group's tokens
     assert loop._defer_buffer_gib(None, cfg, 1) == 12 * 2 * 320 / 1024
+
+
+def test_zeroing_skips_only_the_kept_tables():
+    """training/step.py's lazy zeroing: inside _zeroing_skips a buffer's reset zeroes all
+    but the kept parameters' spans (apart, touching, at the start, short of the end), buffers
+    without kept parameters reset as before, and afterwards every reset is the class's."""
+    import torch
+
+    from megapeer.training import step
+
+    class Buffer:
+        def __init__(self, index):
+            self.grad_data, self.param_index_map = torch.ones(12), index
+
+        def reset(self):
+            self.grad_data.zero_()
+    a, b, c, d = (object() for _ in range(4))
+    mixed = Buffer({a: (0, 3, 0), b: (3, 5, 0), c: (7, 9, 0), d: (9, 11, 0)})
+    other = Buffer({object(): (0, 12, 0)})
+    ddp = type("DDP", (), {"buffers": [mixed], "expert_parallel_buffers": [other]})()
+    with step._zeroing_skips(ddp, [a, c, d]):
+        for buf in (mixed, other):
+            buf.reset()
+    assert mixed.grad_data.tolist() == [1] * 3 + [0] * 4 + [1] * 4 + [0]
+    assert other.grad_data.tolist() == [0] * 12
+    assert "reset" not in vars(mixed) and "reset" not in vars(other)
+    mixed.reset()
+    assert mixed.grad_data.tolist() == [0] * 12

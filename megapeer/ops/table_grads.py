@@ -29,8 +29,11 @@ copies the micro-batch's inputs (inside a compiled graph their buffers may be re
 the op returns) or, when it is time, scatters all of them and adds the gradient to the
 table's own: `main_grad` under Megatron's DDP (the scatter writes its fp32 sums there
 itself: stored after DDP's zero_grad_buffer, see `zeroed`, else added; then it is marked
-ready for an overlapped reduction), else `.grad`. The op finds the table's parameter by
-its address, among the tables given to `track` (models/peer.py tracks U and V).
+ready for an overlapped reduction), else `.grad`. Where a step's first write stored a
+table's whole main_grad, the next zero_grad_buffer leaves it (training/step.py; the store
+overwrites it again): a step saves an fp32 fill of every such table. The op finds the
+table's parameter by its address, among the tables given to `track` (models/peer.py
+tracks U and V).
 Tests: tests/test_table_grads.py.
 """
 import contextlib
@@ -53,15 +56,50 @@ def track(*tables: torch.Tensor):
             t.register_post_accumulate_grad_hook(_written)
 
 
-def zeroed(tables):
-    """These tables' main_grads were just zeroed (DDP's zero_grad_buffer; training/step.py
-    wraps it): their next deferred gradient is stored there, not added."""
+def zeroed(tables, stale=()):
+    """These tables' main_grads were just zeroed by DDP's zero_grad_buffer (training/step.py
+    wraps it), or, those in stale, left as they were: the last step's first write stored
+    their whole gradient (see stored_whole). Either way their next deferred gradient is
+    stored there, not added; an ordinary gradient first zeroes a stale main_grad, and
+    `settle` zeroes those that no gradient reached."""
+    stale = {id(t) for t in stale}
     for t in tables:
         t._main_grad_zero = True
+        t._main_grad_stale = id(t) in stale
+        t._stored_whole = None   # the step's first write: none yet
+
+
+def stored_whole(t) -> bool:
+    """Whether the step's first write to t's main_grad (since `zeroed`) stored all of it:
+    a deferred pass writing its fp32 sums there, every row (the next step's zeroing of
+    that main_grad may then be skipped)."""
+    return getattr(t, "_stored_whole", None) is True
+
+
+def _first_write(t, whole: bool):
+    if getattr(t, "_stored_whole", False) is None:
+        t._stored_whole = whole
+
+
+def _unstale(t):
+    if getattr(t, "_main_grad_stale", False):
+        t.main_grad.zero_()
+        t._main_grad_stale = False
 
 
 def _written(t):
+    """An ordinary gradient reached t (a hook that runs before DDP's, which adds it to
+    main_grad): a stale main_grad is zeroed first."""
+    _unstale(t)
+    _first_write(t, False)
     t._main_grad_zero = False
+
+
+def settle():
+    """Zero the stale main_grads (`zeroed`) that no gradient reached this step: before the
+    gradient reduction (training/step.py: _finalize_grads)."""
+    for t in list(_tables.values()):
+        _unstale(t)
 
 
 def tracked(t: torch.Tensor) -> bool:
@@ -181,7 +219,7 @@ def _scatter_one(p, coef, src, order, expert_off, counts, hk, m, out=None, accum
 def _deliver(p, scatter):
     """p's gradient from scatter(out=None, accumulate=False) (-> tensor). Under Megatron's
     DDP into main_grad (fp32): the scatter writes its fp32 sums there itself, stored when
-    the buffer was just zeroed (`zeroed`), else added (one pass, no bf16 gradient, no
+    the buffer was just zeroed or left stale (`zeroed`), else added (one pass, no bf16 gradient, no
     separate add); then its bucket is told (overlapped reduction: `p._defer_ready`, set by
     training/step.py: wrap_ddp). Else into .grad."""
     main = getattr(p, "main_grad", None)
@@ -190,13 +228,15 @@ def _deliver(p, scatter):
         p.grad = grad if p.grad is None else p.grad + grad
         return
     from . import grad_accum
+    store = grad_accum.usable_main_grad(p) and getattr(p, "_main_grad_zero", False)
     if grad_accum.usable_main_grad(p):
-        scatter(out=main.view(p.shape[0], -1),
-                accumulate=not getattr(p, "_main_grad_zero", False))
+        scatter(out=main.view(p.shape[0], -1), accumulate=not store)
     else:
         from . import grad_add
+        _unstale(p)
         grad_add.add_(main, scatter())
-    p._main_grad_zero = False
+    _first_write(p, store)
+    p._main_grad_zero = p._main_grad_stale = False
     ready = getattr(p, "_defer_ready", None)
     if ready is not None:
         ready()

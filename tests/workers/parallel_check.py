@@ -62,19 +62,29 @@ def run_step(cfg, chunks):
     mine = [b for i, b in enumerate(global_batch()) if i % dp == r]
     tcfg = chunks[0].config
     overlap = cfg.training.overlap_grad_reduce
+    from megapeer.ops import table_grads
     ddp = wrap_ddp(chunks, tcfg, overlap_grad_reduce=overlap)
-    # overlapped: the same step twice (DDP learns its buckets' readiness in the first)
-    for _ in range(2 if overlap else 1):
+    tables = [p for m in ddp for p in m.module.parameters() if table_grads.tracked(p)]
+    defer = cfg.model.peer.defer_table_grads > 1
+    # the same step twice: overlapped, DDP learns its buckets' readiness in the first;
+    # deferred table gradients, the second's zero_grad_buffer skips the tables that the
+    # first stored whole (training/step.py), which the second must overwrite
+    kept = None
+    for i in range(2 if overlap or defer else 1):
+        whole = bool(tables) and all(table_grads.stored_whole(p) for p in tables)
         for m in ddp:
             m.zero_grad_buffer()
+        if i == 1 and defer:   # tables as the first step left them, every other grad zero
+            kept = whole and all(bool(p.main_grad.abs().sum() > 0) for p in tables) and all(
+                not bool(p.main_grad.any()) for m in ddp for p in m.module.parameters()
+                if p.requires_grad and not table_grads.tracked(p))
         iters = [iter(mine) for _ in ddp]
         loss = forward_backward(ddp, iters, len(mine), SEQ, MBS)
     ready = None
     if overlap:   # deferred PEER table gradients told DDP they were ready (ops/table_grads.py)
-        from megapeer.ops import table_grads
         ready = all(p in bg.golden_per_param_grad_ready_counts for m in ddp
                     for p, bg in m.param_to_bucket_group.items() if table_grads.tracked(p))
-    return float(loss), gather_full(chunks, "grad"), ready
+    return float(loss), gather_full(chunks, "grad"), {"tables_ready": ready, "tables_kept": kept}
 
 
 def logits(chunks):
@@ -114,12 +124,12 @@ def main(stage, out, layouts):
         for name in layouts:
             cfg, chunks = build(LAYOUTS[name], world)
             load_model(chunks, f"{out}/ckpt_ref")
-            loss, grads, ready = run_step(cfg, chunks)
+            loss, grads, flags = run_step(cfg, chunks)
             errs = {k: ((grads[k] - ref[k]).abs().max() / ref[k].abs().max().clamp(min=1e-12))
                     .item() for k in ref if k in grads}
             worst = max(errs, key=errs.get)
             res[name] = {"loss": loss, "grad_rel_err": errs[worst], "worst_key": worst,
-                         "missing": sorted(set(ref) - set(grads)), "tables_ready": ready}
+                         "missing": sorted(set(ref) - set(grads)), **flags}
             save_model(chunks, f"{out}/ckpt_{name}")
     elif stage == "reload":
         for name in layouts:

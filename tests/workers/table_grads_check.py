@@ -56,10 +56,10 @@ def step_grads(dev, dt, defer, n_micro, compiled=False, backwards=None, main=Non
     start = {}
     for t in (U, V) if main else ():
         start[t] = torch.randn(t.shape, generator=torch.Generator().manual_seed(3)).to(dev)
-        if main == "zeroed":
+        if main in ("zeroed", "stale"):   # stale: zero_grad_buffer skipped it
             t.main_grad = torch.full(t.shape, float("nan"), device=dev)
             start[t] = torch.zeros_like(t.main_grad)
-            table_grads.zeroed([t])
+            table_grads.zeroed([t], stale=[t] if main == "stale" else ())
         else:
             t.main_grad = start[t].clone()
     fn = peer_grouped.peer_experts
@@ -91,6 +91,9 @@ def step_grads(dev, dt, defer, n_micro, compiled=False, backwards=None, main=Non
             per_mb.append((x.grad, gates.grad))
     if main:
         assert U.grad is None and V.grad is None, "a main_grad takes the deferred gradient"
+        # zeroed or stale: the first pass stored every row (the next zeroing may skip them)
+        whole = [table_grads.stored_whole(t) for t in (U, V)]
+        assert whole == [main != "filled"] * 2, (main, whole)
         return U.main_grad - start[U], V.main_grad - start[V], per_mb, calls, none_before_flush
     return U.grad, V.grad, per_mb, calls, none_before_flush
 
@@ -121,9 +124,10 @@ def main():
                      V_bf16=(rel(V_g, f32[1]), rel(base[1], f32[1])))
     # into an fp32 main_grad (Megatron's DDP): added to its values, or stored when zeroed
     # (the NaN it holds then must not reach the result); fp32 sums, no bf16 rounding
-    for main in ("filled", "zeroed"):
+    for main in ("filled", "zeroed", "stale"):
         U_g, V_g, _, calls, _ = step_grads(dev, dt, 2, 4, main=main)
         r = res[f"main_grad_{main}"] = {"calls_ok": sorted(calls) == [2, 2, 2, 2]}
+
         if f32 is None:
             r.update(U=rel(U_g, base[0]), V=rel(V_g, base[1]))
         else:
@@ -135,6 +139,22 @@ def main():
     table_grads.zeroed([t])
     (t * 2).sum().backward()
     res["written_after_grad"] = {"calls_ok": t._main_grad_zero is False}
+    # lazy zeroing: a stale main_grad (zero_grad_buffer skipped it) is zeroed before an
+    # ordinary gradient (DDP's hook then adds it) or by settle when no gradient came
+    lazy = {}
+    t.main_grad = torch.full((3,), 5.0)
+    table_grads.zeroed([t], stale=[t])
+    (t * 2).sum().backward()
+    lazy["grad_zeroes"] = t.main_grad.tolist() == [0.0] * 3 and not t._main_grad_stale
+    lazy["grad_not_whole"] = not table_grads.stored_whole(t)
+    t.main_grad.fill_(5.0)
+    table_grads.zeroed([t], stale=[t])
+    table_grads.settle()
+    lazy["settle_zeroes"] = t.main_grad.tolist() == [0.0] * 3
+    t.main_grad.fill_(5.0)
+    table_grads.settle()
+    lazy["settle_keeps_fresh"] = t.main_grad.tolist() == [5.0] * 3
+    res["lazy_zeroing"] = lazy
     # one micro-batch: nothing deferred
     res["single_micro_batch_calls"] = len(step_grads(dev, dt, 4, 1)[3])
     # compiled (one graph, forward and backward): the same gradients as eager
