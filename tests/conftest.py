@@ -65,15 +65,22 @@ def write_indexed(prefix, docs):
     return prefix
 
 
-def assert_trains_like_reference(tmp_path, kernel, env=None, steps=4, timeout=900,
-                                 base="reference"):
-    """bench/kernel_parity.py on the tiny MLA+PEER (experts of width 16, fp32, CPU): the
-    given model.peer.kernel against `base` (the reference path), per-step losses within
-    1e-6 relative and gradient norms (which include the table gradients) within 1e-5."""
-    import json
-
+@pytest.fixture(scope="session")
+def parity_demo(tmp_path_factory):
+    """The demo corpus of assert_trains_like_reference (vocabulary 4096, 1 MB), made once
+    per test process."""
     from megapeer.data import prepare_demo_data
-    demo = prepare_demo_data(str(tmp_path / "demo"), vocab_size=4096, max_mb=1.0, quiet=True)
+    return prepare_demo_data(str(tmp_path_factory.mktemp("parity_demo")), vocab_size=4096,
+                             max_mb=1.0, quiet=True)
+
+
+def assert_trains_like_reference(tmp_path, demo, kernel, env=None, steps=4, timeout=900,
+                                 base="reference"):
+    """bench/kernel_parity.py on the tiny MLA+PEER (experts of width 16, fp32, CPU) over
+    demo (the parity_demo fixture): the given model.peer.kernel against `base` (the
+    reference path), per-step losses within 1e-6 relative and gradient norms (which include
+    the table gradients) within 1e-5."""
+    import json
     out = tmp_path / "parity.json"
     e = dict(os.environ, OMP_NUM_THREADS="1")
     e.update(env or {})

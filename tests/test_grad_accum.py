@@ -43,9 +43,9 @@ def test_ops_add_table_gradients_to_the_accumulator():
     assert seen == {"reference", "fused"}, seen
 
 
-def test_trains_like_the_unfused_accumulation(tmp_path):
+def test_trains_like_the_unfused_accumulation(tmp_path, parity_demo):
     # reference path: RouteGrad + the DDP hook told to skip, against the hook's own add
-    assert_trains_like_reference(tmp_path, "reference", base="reference+nofuse")
+    assert_trains_like_reference(tmp_path, parity_demo, "reference", base="reference+nofuse")
 
 
 def test_accumulators_only_for_fused_tables_with_an_fp32_main_grad():

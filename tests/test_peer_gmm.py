@@ -132,12 +132,12 @@ def test_dispatch_and_errors():
 
 
 @pytest.mark.timeout(600)
-def test_gmm_trains_like_reference(tmp_path):
+def test_gmm_trains_like_reference(tmp_path, parity_demo):
     """model.peer.kernel=gmm through the trainer (tiny MLA+PEER, experts of width 16, fp32):
     the reference path's per-step losses (1e-6 relative) and gradient norms (1e-5)."""
     if torch.cuda.is_available():
         pytest.skip("on a GPU: bench/kernel_parity.py compares the paths in bf16")
-    assert_trains_like_reference(tmp_path, "gmm", timeout=600)
+    assert_trains_like_reference(tmp_path, parity_demo, "gmm", timeout=600)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only")

@@ -90,7 +90,7 @@ def test_grouped_mode_needs_triton_to_run(monkeypatch):
 
 
 @pytest.mark.timeout(900)
-def test_grouped_kernels_train_like_reference(tmp_path):
+def test_grouped_kernels_train_like_reference(tmp_path, parity_demo):
     """model.peer.kernel=grouped through the trainer (tiny MLA+PEER, experts of width 16,
     fp32, Triton interpreter on CPU): the reference path's per-step losses (1e-6 relative)
     and gradient norms (1e-5; they include the table gradients). Seen: equal to the last
@@ -98,26 +98,38 @@ def test_grouped_kernels_train_like_reference(tmp_path):
     import torch
     if torch.cuda.is_available():
         pytest.skip("on a GPU: bench/kernel_parity.py compares fused and grouped in bf16")
-    assert_trains_like_reference(tmp_path, "grouped", env={"TRITON_INTERPRET": "1"})
+    assert_trains_like_reference(tmp_path, parity_demo, "grouped", env={"TRITON_INTERPRET": "1"})
 
 
 @pytest.mark.timeout(900)
 def test_expert_ordered_form_in_parallel_layouts(tmp_path, wide_reference):
     """The tiny MLA+PEER of tests/test_parallel.py with experts 128 wide: the single-process
     reference path's loss and gradients against the grouped kernels' expert-ordered form
-    (Triton interpreter on a CPU) under TP2, EP2 and DP2 (1e-5 loss, 1e-4 gradients)."""
+    (Triton interpreter on a CPU) under TP2, EP2 and DP2 (1e-5 loss, 1e-4 gradients); and
+    the same with deferred table gradients (model.peer.defer_table_grads=3: 4 micro-batches
+    on one rank, 2 per rank under DP2, also with the reduction overlapped with the backward;
+    under PP2 the 1F1B schedule; under TP2 the tables' column slices, under EP2 their row
+    slices), each step run twice: the second's zero_grad_buffer leaves the tables' main_grads
+    as the first left them (their first write stored them whole), and its gradients are
+    the ones checked (tests/test_table_grads.py has the deferral's own checks)."""
     import torch
 
     from conftest import WIDE, torchrun, use_reference
     if torch.cuda.is_available():
         pytest.skip("CPU check (Triton interpreter); GPU layouts: bench/layout_scaling.py")
     use_reference(wide_reference, tmp_path)
-    torchrun("parallel_check.py", ["layouts", str(tmp_path), "tp2,ep2,dp2"], 2,
-             env={"PARALLEL_EXTRA": WIDE + " model.peer.kernel=grouped", "TRITON_INTERPRET": "1"})
+    plain = ["tp2", "ep2", "dp2"]
+    deferred = [f"{x}+defer3" for x in ("dp2", "dp2overlap", "pp2", "tp2", "ep2")]
+    torchrun("parallel_check.py", ["layouts", str(tmp_path), ",".join(plain + deferred)], 2,
+             env={"PARALLEL_EXTRA": WIDE + " model.peer.kernel=grouped", "TRITON_INTERPRET": "1",
+                  "PARALLEL_SAVE": "0"})
     ref = json.loads((tmp_path / "reference.json").read_text())
     got = json.loads((tmp_path / "layouts.json").read_text())
-    for layout in ("tp2", "ep2", "dp2"):
+    for layout in plain + deferred:
         r = got[layout]
         assert r["missing"] == [], layout
         assert abs(r["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (layout, r, ref["loss"])
         assert r["grad_rel_err"] < 1e-4, (layout, r)
+        # deferred: not zeroed for the second step, every other gradient was
+        assert r["tables_kept"] is (True if layout in deferred else None), layout
+    assert got["dp2overlap+defer3"]["tables_ready"] is True   # buckets reduced in backward

@@ -247,23 +247,31 @@ def _collectives(trace):
     return [e["name"] for e in sorted(ev, key=lambda e: e["ts"])]
 
 
+TP2_PROFILED = ["parallel.tensor=2", "training.train_iters=4",
+                "training.eval_interval=0",  # no_grad compiles its own graphs
+                "logging.profile_steps=[3,4]", "checkpoint.save=false"]
+
+
+@pytest.fixture(scope="module")
+def tp2_eager(demo, tmp_path_factory):
+    """An eager TP2 run of 4 steps, the last two profiled (shared by two tests)."""
+    run = str(tmp_path_factory.mktemp("tp2_eager"))
+    train(demo, run, TP2_PROFILED + ["training.compile=false"], nproc=2)
+    return run
+
+
 @pytest.mark.timeout(900)
-def test_compiled_layers_under_tensor_parallel(demo, tmp_path):
+def test_compiled_layers_under_tensor_parallel(demo, tp2_eager, tmp_path):
     """training.compile with TP2 (Megatron's TP linears and PEER's collectives kept out of
     the compiled graphs): eager's losses, eager's collectives, and Dynamo compiles once per
     layer kind (it recompiled every TP linear per shape before they were kept eager: 32
     times here)."""
-    out, calls = {}, {}
-    for flag in ("false", "true"):
-        run = str(tmp_path / f"tp2_{flag}")
-        p = train(demo, run, ["parallel.tensor=2", "training.train_iters=4",
-                              "training.eval_interval=0",  # no_grad compiles its own graphs
-                              "logging.profile_steps=[4,4]",
-                              "checkpoint.save=false", f"training.compile={flag}"], nproc=2,
-                  env={"TORCH_LOGS": "recompiles"})
-        out[flag] = losses(run)
-        calls[flag] = [_collectives(os.path.join(run, "profile", f"trace_rank{r}.json"))
-                       for r in (0, 1)]
+    run = str(tmp_path / "tp2_compiled")
+    p = train(demo, run, TP2_PROFILED + ["training.compile=true"], nproc=2,
+              env={"TORCH_LOGS": "recompiles"})
+    out = {"true": losses(run), "false": losses(tp2_eager)}
+    calls = {flag: [_collectives(os.path.join(r, "profile", f"trace_rank{k}.json"))
+                    for k in (0, 1)] for flag, r in (("true", run), ("false", tp2_eager))}
     # Every collective runs eagerly, in eager's order, the same on both ranks: with PEER's
     # inside inductor's graphs two H200 ranks issued different NCCL calls and hung.
     assert calls["true"][0] == calls["true"][1] == calls["false"][0]
@@ -280,7 +288,9 @@ def test_compiled_layers_under_tensor_parallel(demo, tmp_path):
 @pytest.mark.parametrize("layout", ["parallel.pipeline=2", "parallel.expert=2"])
 def test_compiled_layers_under_pipeline_and_expert_parallel(demo, tmp_path, layout):
     """training.compile with PP2 (1F1B over 4 micro-batches) and with EP2 (the PEER tables'
-    rows split, tokens gathered): eager's per-step losses (CPU inductor, fp32, 1e-4)."""
+    rows split, tokens gathered): eager's per-step losses (CPU inductor, fp32, 1e-4). The
+    eager run is in the same layout: a fresh PP2 model is initialised differently from
+    one process's (its first loss differed by 0.5%)."""
     out = {}
     for flag in ("false", "true"):
         run = str(tmp_path / f"{flag}")
@@ -314,14 +324,11 @@ def test_fused_cross_entropy_under_tp2(demo, tmp_path):
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 2e-2 * b["grad_norm"], s
 
 
-@pytest.mark.timeout(600)
-def test_profile_labels_peer_collectives_under_tp2(demo, tmp_path):
+def test_profile_labels_peer_collectives_under_tp2(tp2_eager):
     """Under TP2 every PEER collective, forward and backward, runs inside a 'peer.comm'
     span of the trace (per PEER layer and micro-batch: the forward all-reduce of the dot
     products and all-gather of the output, the backward all-reduces of grad x and grad w)."""
-    run = str(tmp_path / "tp2prof")
-    train(demo, run, ["parallel.tensor=2", "training.train_iters=3", "checkpoint.save=false",
-                      "logging.profile_steps=[2,3]"], nproc=2)
+    run = tp2_eager
     ev = [e for e in json.load(open(os.path.join(run, "profile", "trace_rank0.json")))
           ["traceEvents"] if e.get("ph") == "X"]
     spans = [(e["tid"], e["ts"], e["ts"] + e["dur"]) for e in ev
@@ -333,21 +340,34 @@ def test_profile_labels_peer_collectives_under_tp2(demo, tmp_path):
     assert inside.count("c10d::allreduce_") == 3 * n and inside.count("c10d::_allgather_base_") == n
 
 
+GB8 = ["training.train_iters=4", "training.eval_interval=0", "training.global_batch_size=8",
+       "checkpoint.save=false"]
+
+
+@pytest.fixture(scope="module")
+def one_process_gb8(demo, tmp_path_factory):
+    """Per-step losses of one eager process at global batch 8, 4 steps: what the layouts
+    below must reproduce."""
+    run = str(tmp_path_factory.mktemp("gb8"))
+    train(demo, run, GB8)
+    return losses(run)
+
+
 @pytest.mark.timeout(900)
-def test_overlapped_grad_reduce_matches_plain_dp2(demo, tmp_path):
+def test_overlapped_grad_reduce_under_dp2_matches_one_process(demo, one_process_gb8, tmp_path):
     """training.overlap_grad_reduce (buckets reduced during backward) under DP2, alone and
-    with the distributed optimizer: the losses of the plain DP2 run (fp32, 1e-5 relative)."""
-    out = {}
-    for name, extra in (("plain", []), ("overlap", ["training.overlap_grad_reduce=true"]),
+    with the distributed optimizer: one process's losses at the same global batch (fp32,
+    1e-5 relative)."""
+    for name, extra in (("overlap", ["training.overlap_grad_reduce=true"]),
                         ("overlap_distopt", ["training.overlap_grad_reduce=true",
                                              "training.use_distributed_optimizer=true"])):
         run = str(tmp_path / name)
-        train(demo, run, ["training.train_iters=4", "checkpoint.save=false", *extra], nproc=2)
-        out[name] = losses(run)
-    assert sorted(out["plain"]) == [1, 2, 3, 4]
-    for name in ("overlap", "overlap_distopt"):
+        train(demo, run, [*GB8, *extra], nproc=2)
+        got = losses(run)
+        assert sorted(got) == [1, 2, 3, 4], name
         for s in range(1, 5):
-            assert abs(out[name][s] - out["plain"][s]) <= 1e-5 * abs(out["plain"][s]), (name, s)
+            ref = one_process_gb8[s]
+            assert abs(got[s] - ref) <= 1e-5 * abs(ref), (name, s, got[s], ref)
 
 
 def test_checkpoint_writer_helper_ignores_sigterm_and_exits_with_a_killed_trainer(tmp_path):

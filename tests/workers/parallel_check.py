@@ -4,7 +4,8 @@
              fixed global batch; saves them and the model checkpoint.
   layouts:   world N. For each layout: load the reference checkpoint (resharded),
              run the same global batch through Megatron's schedule + DDP, compare
-             loss and every gradient shard with the reference; save a checkpoint.
+             loss and every gradient shard with the reference; save a checkpoint
+             (unless PARALLEL_SAVE=0).
   reload:    world 1. Load each layout's checkpoint and compare logits.
 Results go to OUT/<stage>.json; the pytest side asserts on them.
 """
@@ -33,6 +34,8 @@ LAYOUTS = {
     "tp2spep2": ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"],
     "tp2sppp2": ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.pipeline=2"],
 }
+# name+flag: a layout with more overrides (e.g. "tp2+defer3")
+FLAGS = {"defer3": ["model.peer.defer_table_grads=3"]}
 BASE = [
     "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
     "model.ffn_hidden_size=128", f"model.vocab_size={VOCAB}", f"model.seq_length={SEQ}",
@@ -122,7 +125,8 @@ def main(stage, out, layouts):
     elif stage == "layouts":
         ref = torch.load(f"{out}/ref_grads.pt")
         for name in layouts:
-            cfg, chunks = build(LAYOUTS[name], world)
+            base, *flags = name.split("+")
+            cfg, chunks = build(LAYOUTS[base] + [o for f in flags for o in FLAGS[f]], world)
             load_model(chunks, f"{out}/ckpt_ref")
             loss, grads, flags = run_step(cfg, chunks)
             errs = {k: ((grads[k] - ref[k]).abs().max() / ref[k].abs().max().clamp(min=1e-12))
@@ -130,7 +134,8 @@ def main(stage, out, layouts):
             worst = max(errs, key=errs.get)
             res[name] = {"loss": loss, "grad_rel_err": errs[worst], "worst_key": worst,
                          "missing": sorted(set(ref) - set(grads)), **flags}
-            save_model(chunks, f"{out}/ckpt_{name}")
+            if os.environ.get("PARALLEL_SAVE", "1") == "1":   # for the reload stage
+                save_model(chunks, f"{out}/ckpt_{name}")
     elif stage == "reload":
         for name in layouts:
             cfg, chunks = build([], 1)
