@@ -219,17 +219,18 @@ def _scatter_one(p, coef, src, order, expert_off, counts, hk, m, out=None, accum
 def _deliver(p, scatter):
     """p's gradient from scatter(out=None, accumulate=False) (-> tensor). Under Megatron's
     DDP into main_grad (fp32): the scatter writes its fp32 sums there itself, stored when
-    the buffer was just zeroed or left stale (`zeroed`), else added (one pass, no bf16 gradient, no
-    separate add); then its bucket is told (overlapped reduction: `p._defer_ready`, set by
-    training/step.py: wrap_ddp). Else into .grad."""
+    the buffer was just zeroed or left stale (`zeroed`), else added (one pass, no bf16
+    gradient, no separate add); then its bucket is told (overlapped reduction:
+    `p._defer_ready`, set by training/step.py: wrap_ddp). Else into .grad."""
     main = getattr(p, "main_grad", None)
     if main is None:
         grad = scatter().to(p.dtype)
         p.grad = grad if p.grad is None else p.grad + grad
         return
     from . import grad_accum
-    store = grad_accum.usable_main_grad(p) and getattr(p, "_main_grad_zero", False)
-    if grad_accum.usable_main_grad(p):
+    usable = grad_accum.usable_main_grad(p)
+    store = usable and getattr(p, "_main_grad_zero", False)
+    if usable:
         scatter(out=main.view(p.shape[0], -1), accumulate=not store)
     else:
         from . import grad_add

@@ -128,12 +128,12 @@ def main(stage, out, layouts):
             base, *flags = name.split("+")
             cfg, chunks = build(LAYOUTS[base] + [o for f in flags for o in FLAGS[f]], world)
             load_model(chunks, f"{out}/ckpt_ref")
-            loss, grads, flags = run_step(cfg, chunks)
+            loss, grads, seen = run_step(cfg, chunks)
             errs = {k: ((grads[k] - ref[k]).abs().max() / ref[k].abs().max().clamp(min=1e-12))
                     .item() for k in ref if k in grads}
             worst = max(errs, key=errs.get)
             res[name] = {"loss": loss, "grad_rel_err": errs[worst], "worst_key": worst,
-                         "missing": sorted(set(ref) - set(grads)), **flags}
+                         "missing": sorted(set(ref) - set(grads)), **seen}
             if os.environ.get("PARALLEL_SAVE", "1") == "1":   # for the reload stage
                 save_model(chunks, f"{out}/ckpt_{name}")
     elif stage == "reload":

@@ -127,7 +127,6 @@ def main():
     for main in ("filled", "zeroed", "stale"):
         U_g, V_g, _, calls, _ = step_grads(dev, dt, 2, 4, main=main)
         r = res[f"main_grad_{main}"] = {"calls_ok": sorted(calls) == [2, 2, 2, 2]}
-
         if f32 is None:
             r.update(U=rel(U_g, base[0]), V=rel(V_g, base[1]))
         else:
