@@ -66,19 +66,14 @@ def zeroed(tables, stale=()):
     for t in tables:
         t._main_grad_zero = True
         t._main_grad_stale = id(t) in stale
-        t._stored_whole = None   # the step's first write: none yet
+        t._stored_whole = False   # set by a deferred pass that stores (only a first write can)
 
 
 def stored_whole(t) -> bool:
     """Whether the step's first write to t's main_grad (since `zeroed`) stored all of it:
     a deferred pass writing its fp32 sums there, every row (the next step's zeroing of
     that main_grad may then be skipped)."""
-    return getattr(t, "_stored_whole", None) is True
-
-
-def _first_write(t, whole: bool):
-    if getattr(t, "_stored_whole", False) is None:
-        t._stored_whole = whole
+    return getattr(t, "_stored_whole", False)
 
 
 def _unstale(t):
@@ -91,7 +86,6 @@ def _written(t):
     """An ordinary gradient reached t (a hook that runs before DDP's, which adds it to
     main_grad): a stale main_grad is zeroed first."""
     _unstale(t)
-    _first_write(t, False)
     t._main_grad_zero = False
 
 
@@ -236,7 +230,8 @@ def _deliver(p, scatter):
         from . import grad_add
         _unstale(p)
         grad_add.add_(main, scatter())
-    _first_write(p, store)
+    if store:   # _main_grad_zero: nothing was written since `zeroed`
+        p._stored_whole = True
     p._main_grad_zero = p._main_grad_stale = False
     ready = getattr(p, "_defer_ready", None)
     if ready is not None:
