@@ -120,7 +120,8 @@ def main():
                 if fn not in (single, copies):
                     main_grad.zero_()
                     err = float((fn().float() - want).abs().max() / want.abs().max())
-        except triton.runtime.errors.OutOfResources as e:   # a tile variant too large
+        except (triton.runtime.errors.OutOfResources,
+                triton.runtime.errors.PTXASError) as e:   # a tile variant too large
             print(json.dumps({"form": name, "error": str(e)}), flush=True)
             continue
         base = base or ms
