@@ -9,7 +9,9 @@ triton.testing.do_bench (ms):
            micro-batches (coefficients in token order, one buffer; their layouts merged),
            plus one add; also with the n copies into the pass's buffers that the backward
            makes (ops/table_grads.py), and with other scatter tiles (--tiles); the copies
-           alone, with peer_grouped.gather_rows and with torch's index_select; the merged
+           alone, with peer_grouped.gather_rows and with torch's index_select; the layouts'
+           merge alone, with its Triton kernels and with torch ops (both also inside
+           `merged + 1 add`); the merged
            pass writing its fp32 sums into an fp32 main_grad itself (stored, or added:
            what a pass runs under Megatron's DDP since 2026-11-29, no add)
 Each merged form is checked against the sum of the single results in fp32 (max error over
@@ -90,6 +92,9 @@ def main():
         return pg.scatter_merged(buf.coef, buf.src, layouts, h * k, E * m, m, out=main_grad,
                                  accumulate=True)
 
+    def merge():
+        return pg.merge_layouts(layouts)
+
     def index_select_rows(rows, inv, out):   # the copies' gather as torch's index_select
         return torch.index_select(rows, 0, inv.long(), out=out)
 
@@ -108,7 +113,12 @@ def main():
              ("merged, stored into the fp32 main_grad", merged_store, {}),
              ("merged, added to the fp32 main_grad", merged_acc, {}),
              ("the n copies alone", copies, {}),
-             ("the n copies alone, index_select", copies, {"gather_rows": index_select_rows})]
+             ("the n copies alone, index_select", copies, {"gather_rows": index_select_rows}),
+             ("merged + 1 add, layouts merged by torch ops (before)", merged,
+              {"merge_layouts": pg.merge_layouts_torch}),
+             ("merge_layouts alone", merge, {}),
+             ("merge_layouts alone, torch ops (before)", merge,
+              {"merge_layouts": pg.merge_layouts_torch})]
     forms += [(f"merged, {t}", merged, {"MERGED_TILES": {**pg.MERGED_TILES, **kv}})
               for t, kv in tiles]
     base = None
@@ -117,7 +127,7 @@ def main():
             with mock.patch.multiple(pg, **change) if change else contextlib.nullcontext():
                 ms = triton.testing.do_bench(fn, warmup=5, rep=50)
                 err = None
-                if fn not in (single, copies):
+                if fn not in (single, copies, merge):
                     main_grad.zero_()
                     err = float((fn().float() - want).abs().max() / want.abs().max())
         except (triton.runtime.errors.OutOfResources,

@@ -5,7 +5,8 @@ micro-batches of one step, fresh random inputs, fp32: the table gradients with d
 (every 2, 3 and 5 micro-batches, eager and compiled) against one gradient per micro-batch
 within 1e-6 of the largest magnitude (sums in another order), the x and gate gradients
 unchanged (bitwise), the scatter over several micro-batches at once against the sum of
-single scatters (1e-6), how many micro-batches each table-gradient pass took, no table gradient before
+single scatters (1e-6), the merged layout's Triton kernels equal to its torch form
+(merge_layouts_torch), how many micro-batches each table-gradient pass took, no table gradient before
 the first pass, and an error when a step ends with inputs kept; deferred gradients written
 into an fp32 main_grad (as under Megatron's DDP): added to the values it holds, or stored
 once table_grads.zeroed says it was zeroed (it holds NaN there, which must not show), and
@@ -48,6 +49,7 @@ def test_deferred_table_grads_match_per_micro_batch():
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res.pop("scatter_merged") < (1e-6 if not torch.cuda.is_available() else 1e-2)
+    assert res.pop("merge_kernels") == {"ok": 1.0}   # merge_layouts' kernels = torch's
     assert res.pop("single_micro_batch_calls") == 0
     assert "still hold 2 micro-batch(es)" in res.pop("short_step")
     lazy = res.pop("lazy_zeroing")

@@ -379,9 +379,32 @@ def scatter_merged(coef: Tensor, src: Tensor, layouts, hk: int, n_rows: int, m: 
 
 
 def merge_layouts(layouts):
-    """Several micro-batches' expert orders (order, expert_off, counts; order as pair ids
-    within each) as one over their pairs numbered one micro-batch after another: expert e's
-    pairs of micro-batch 0, then of 1, ... Torch ops on the device, no sort, no host sync."""
+    """Several micro-batches' expert orders (order, expert_off, counts; int32, order as pair
+    ids within each) as one over their pairs numbered one micro-batch after another: group
+    g's pairs of micro-batch 0, then of 1, ... -> (merged order, start, total), start and
+    total per group. On the device, no sort, no host sync: two Triton kernels
+    (peer_merge_prefix, peer_merge_orders) where the layout's kernels run
+    (_layout_kernels), else torch ops (merge_layouts_torch, their reference: ~55 launches
+    at 4 micro-batches)."""
+    orders = torch.cat([o for o, _, _ in layouts])
+    G = layouts[0][2].numel()
+    if not _layout_kernels(orders, G - 1):
+        return merge_layouts_torch(layouts)
+    triton, *_ = _k()
+    from . import peer_grouped_kernels as pk
+    offs = torch.stack([o for _, o, _ in layouts])
+    counts = torch.stack([c for _, _, c in layouts])
+    S = counts.shape[0]
+    i32 = dict(dtype=torch.int32, device=orders.device)
+    start, total, bases = torch.empty(G, **i32), torch.empty(G, **i32), torch.empty(S, **i32)
+    pk.peer_merge_prefix[(1,)](counts, S, G, start, total, bases, GB=1024)
+    merged = torch.empty(orders.numel(), **i32)
+    pk.peer_merge_orders[(G,)](orders, offs, counts, G, S, start, bases, merged, BLOCK=1024)
+    return merged, start, total
+
+
+def merge_layouts_torch(layouts):
+    """merge_layouts from torch ops (any device; the Triton kernels' reference)."""
     counts = torch.stack([c for _, _, c in layouts]).long()          # [S, E]
     total = counts.sum(0)
     start = torch.cumsum(total, 0) - total                           # e's first merged place

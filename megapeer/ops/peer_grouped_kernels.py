@@ -250,3 +250,45 @@ def peer_layout_blocks(bounds, expert_off, counts, block_start, block_expert, n_
     for b0 in range(0, n_blocks, BB):
         b = b0 + tl.arange(0, BB)
         tl.store(block_expert + b, -1, mask=(b >= carry) & (b < n_blocks))
+
+
+@triton.jit
+def peer_merge_prefix(counts, S, G, start, total, bases, GB: tl.constexpr):
+    """merge_layouts' prefix sums (one program), from counts [S, G] (int32, row-major: group
+    g's pairs in micro-batch i): total[g] = its pairs over all, start[g] = its first merged
+    place, bases[i] = micro-batch i's first pair id (its pairs follow the earlier ones')."""
+    carry = tl.zeros((), tl.int32)
+    for g0 in range(0, G, GB):
+        g = g0 + tl.arange(0, GB)
+        v = g < G
+        t = tl.zeros((GB,), tl.int32)
+        for i in range(0, S):
+            t += tl.load(counts + i * G + g, mask=v, other=0)
+        tl.store(total + g, t, mask=v)
+        tl.store(start + g, tl.cumsum(t, 0) - t + carry, mask=v)
+        carry += tl.sum(t, 0)
+    base = tl.zeros((), tl.int32)
+    for i in range(0, S):
+        tl.store(bases + i, base)
+        for g0 in range(0, G, GB):
+            g = g0 + tl.arange(0, GB)
+            base += tl.sum(tl.load(counts + i * G + g, mask=g < G, other=0), 0)
+
+
+@triton.jit
+def peer_merge_orders(orders, offs, counts, G, S, start, bases, merged, BLOCK: tl.constexpr):
+    """merge_layouts' places (one program per group g): merged[start[g]:] = g's pair ids of
+    micro-batch 0, then 1, ..., each its place in its own order (orders: the micro-batches'
+    orders one after another, micro-batch i's from bases[i]) plus bases[i]."""
+    g = tl.program_id(0)
+    dst = tl.load(start + g)
+    for i in range(0, S):
+        n = tl.load(counts + i * G + g)
+        base = tl.load(bases + i)
+        src = base + tl.load(offs + i * G + g)
+        for c in range(0, n, BLOCK):
+            j = c + tl.arange(0, BLOCK)
+            jm = j < n
+            tl.store(merged + dst + j, tl.load(orders + src + j, mask=jm, other=0) + base,
+                     mask=jm)
+        dst += n

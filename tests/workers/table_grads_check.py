@@ -43,6 +43,30 @@ def merged_case(dev, dt):
     return rel(got.cpu(), want)
 
 
+def merge_kernels(dev):
+    """merge_layouts' Triton kernels against merge_layouts_torch, exactly: micro-batches of
+    different sizes, other ranks' pairs (the sentinel), a hot expert, experts left empty,
+    more groups than one chunk of the prefix kernel, a micro-batch without pairs. 1.0 if
+    every output is equal (values and dtype), else the first mismatch's case."""
+    g = torch.Generator().manual_seed(5)
+    for n, sizes in [(3, (24, 17, 31)), (1500, (200, 0, 130)), (8, (40,) * 5)]:
+        for name in ("random", "sentinel", "hot", "sparse"):
+            lays = []
+            for T_i in sizes:
+                idx = torch.randint(0, n, (T_i, H, K), generator=g)
+                coin = torch.rand(T_i, H, K, generator=g)
+                idx = {"random": idx, "sentinel": torch.where(coin < 0.4, n, idx),
+                       "hot": torch.where(coin < 0.9, n // 2, idx), "sparse": idx // 7 * 7}[name]
+                lay = peer_grouped._layout(idx.to(dev), n, M)
+                lays.append((lay[0], lay[3], lay[4]))
+            a = peer_grouped.merge_layouts(lays)
+            b = peer_grouped.merge_layouts_torch(lays)
+            if not peer_grouped._layout_kernels(a[0], n) or not all(
+                    x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b)):
+                return {"mismatch": f"{name} n={n} sizes={sizes}"}
+    return {"ok": 1.0}
+
+
 def step_grads(dev, dt, defer, n_micro, compiled=False, backwards=None, main=None):
     """Gradients of x, gates (per micro-batch) and U, V (summed) over n_micro micro-batches
     of the expert step in one table_grads.step, and the micro-batches each table-gradient
@@ -107,7 +131,7 @@ def main():
     M = 128 if dev == "cuda" else 100
     assert peer_grouped.takes_expert_order(torch.zeros(1, D, dtype=dt, device=dev),
                                            torch.zeros(M, D, dtype=dt, device=dev), M)
-    res = {"scatter_merged": merged_case(dev, dt)}
+    res = {"scatter_merged": merged_case(dev, dt), "merge_kernels": merge_kernels(dev)}
     base = step_grads(dev, dt, 1, 4)
     assert base[3] == [] and base[4], "defer=1 must not defer"
     f32 = step_grads(dev, torch.float32, 1, 4) if dev == "cuda" else None
