@@ -10,10 +10,10 @@ triton.testing.do_bench (ms):
            plus one add; also with the n copies into the pass's buffers that the backward
            makes (ops/table_grads.py), and with other scatter tiles (--tiles); the copies
            alone, with peer_grouped.gather_rows and with torch's index_select; the layouts'
-           merge alone, with its Triton kernels and with torch ops (both also inside
-           `merged + 1 add`); the merged
-           pass writing its fp32 sums into an fp32 main_grad itself (stored, or added:
-           what a pass runs under Megatron's DDP since 2026-11-29, no add)
+           merge alone, with its Triton kernels and with torch ops (the latter also inside
+           `merged + 1 add`); the merged pass writing its fp32 sums into an fp32 main_grad
+           itself (stored, or added: what a pass runs under Megatron's DDP since
+           2026-11-29, no add)
 Each merged form is checked against the sum of the single results in fp32 (max error over
 max magnitude; bf16 roundings differ).
 

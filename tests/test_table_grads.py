@@ -6,13 +6,13 @@ micro-batches of one step, fresh random inputs, fp32: the table gradients with d
 within 1e-6 of the largest magnitude (sums in another order), the x and gate gradients
 unchanged (bitwise), the scatter over several micro-batches at once against the sum of
 single scatters (1e-6), the merged layout's Triton kernels equal to its torch form
-(merge_layouts_torch), how many micro-batches each table-gradient pass took, no table gradient before
-the first pass, and an error when a step ends with inputs kept; deferred gradients written
-into an fp32 main_grad (as under Megatron's DDP): added to the values it holds, or stored
-once table_grads.zeroed says it was zeroed (it holds NaN there, which must not show), and
-an ordinary gradient of the table ending that state; a main_grad left stale by
-zero_grad_buffer (lazy zeroing) zeroed before an ordinary gradient or, where no gradient
-came, by table_grads.settle, and whether a step's first write stored it whole.
+(merge_layouts_torch), how many micro-batches each table-gradient pass took, no table
+gradient before the first pass, and an error when a step ends with inputs kept; deferred
+gradients written into an fp32 main_grad (as under Megatron's DDP): added to the values it
+holds, or stored once table_grads.zeroed says it was zeroed (it holds NaN there, which
+must not show), and an ordinary gradient of the table ending that state; a main_grad left
+stale by zero_grad_buffer (lazy zeroing) zeroed before an ordinary gradient or, where no
+gradient came, by table_grads.settle, and whether a step's first write stored it whole.
 On a GPU the same in bf16 with experts 128 wide (the form's 16-byte rows): the deferred
 table gradients within the per-micro-batch bf16 error against fp32, plus 1e-3. Deferral
 through Megatron's schedule and DDP under DP2, PP2, TP2 and EP2, two steps (the second
