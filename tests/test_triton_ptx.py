@@ -1,0 +1,28 @@
+"""bench/triton_ptx.py: the grouped kernels compiled for sm_90a without a GPU (Triton's
+compiler and ptxas). The deferred pass's scatter at the 1.3B layer shape reports shared
+memory, 16-byte loads, tensor-core instructions and its registers; a tile whose
+accumulator does not fit the registers (256 x 256 at 16 warps) reports ptxas's refusal
+instead of raising; an unknown setting is a clear error."""
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytest.importorskip("triton", reason="the grouped PEER kernels need Triton")
+sys.path.insert(0, ROOT)
+from bench import triton_ptx  # noqa: E402
+from bench.grouped_tune import SHAPES  # noqa: E402
+
+
+def test_reports_the_merged_scatter_and_a_tile_ptxas_refuses():
+    row = triton_ptx.report("scatter_merged", SHAPES["wider_mb2"], {})
+    assert "error" not in row, row
+    assert row["smem"] > 0 and 0 < row["registers"] <= 255 and row["spill_bytes"] == 0, row
+    assert any(k.endswith(("0x10", "v4.b32")) for k in row["loads"]), row["loads"]
+    assert row["mma"], row
+    big = triton_ptx.report("scatter_merged", SHAPES["wider_mb2"],
+                            {"BN": 256, "num_warps": 16})
+    assert "registers" in big.get("error", ""), big
+    with pytest.raises(ValueError, match="not settings of scatter_merged"):
+        triton_ptx.report("scatter_merged", SHAPES["wider_mb2"], {"XX": 1})
