@@ -10,6 +10,8 @@ layer shape gets (ops/peer_grouped.py: _tiles, MERGED_TILES, GATHER_SUM), change
   mma       tensor-core instructions (wgmma on sm_90a)
   ptxas     registers per thread and spill bytes (ptxas -v), or the error of a setting
             ptxas refuses (e.g. too few registers at 16 warps)
+  sass      machine instructions in the kernel and its subroutine calls (nvdisasm; a
+            runtime 64-bit integer division, for one, is a call)
 Screen changes here first: on an H200 a `tl.where` over the scatter's offsets turned its
 16-byte loads into 2-byte ones, and a 256 x 256 scatter tile did not fit the registers
 (docs/benchmarks.md, calls 116-118). Integer arguments divisible by 16 get Triton's
@@ -64,6 +66,7 @@ def launch(kernel, shape):
     warps, stages = t.pop("num_warps"), t.pop("num_stages")
     names = {p.name for p in fn.params if p.is_constexpr}
     const.update({k: v for k, v in t.items() if k in names})
+    const.update({k: v for k, v in vals.items() if k in names})   # e.g. the scatter's hk
     if "MB" in names:
         const["MB"] = mb
     return fn, const, warps, stages, vals
@@ -167,7 +170,23 @@ def report(kernel, shape, tiles, arch=90, out_dtype=None):
     row["registers"], row["spill_bytes"], err = ptxas_report(ptx, arch)
     if err:
         row["error"] = err
+    row["sass"] = sass_counts(k.asm["cubin"])
     return row
+
+
+def sass_counts(cubin):
+    """{instructions, calls} of a cubin's machine code (Triton's nvdisasm)."""
+    import triton
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                            "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        p = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True)
+    if p.returncode:
+        return {"error": p.stderr.strip()[:200]}
+    ins = [line for line in p.stdout.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
+    return {"instructions": len(ins), "calls": sum(" CALL" in line for line in ins)}
 
 
 def main():

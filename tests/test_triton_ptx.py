@@ -1,6 +1,7 @@
 """bench/triton_ptx.py: the grouped kernels compiled for sm_90a without a GPU (Triton's
 compiler and ptxas). The deferred pass's scatter at the 1.3B layer shape reports shared
-memory, 16-byte loads, tensor-core instructions and its registers; a tile whose
+memory, 16-byte loads, tensor-core instructions, its registers and its machine code
+without subroutine calls (a runtime division by hk would add 12); a tile whose
 accumulator does not fit the registers (256 x 256 at 16 warps) reports ptxas's refusal
 instead of raising; an unknown setting is a clear error."""
 import sys
@@ -21,6 +22,8 @@ def test_reports_the_merged_scatter_and_a_tile_ptxas_refuses():
     assert row["smem"] > 0 and 0 < row["registers"] <= 255 and row["spill_bytes"] == 0, row
     assert any(k.endswith(("0x10", "v4.b32")) for k in row["loads"]), row["loads"]
     assert row["mma"], row
+    # hk is a compile-time constant: no 64-bit division subroutine per row (12 calls before)
+    assert row["sass"]["calls"] == 0 and row["sass"]["instructions"] > 0, row["sass"]
     big = triton_ptx.report("scatter_merged", SHAPES["wider_mb2"],
                             {"BN": 256, "num_warps": 16})
     assert "registers" in big.get("error", ""), big

@@ -6,16 +6,21 @@ nothing: the dot writes their outputs as zeros, the axpy zero rows (or adds noth
 skipping the work by a branch (the dot; the axpy with SKIP_IF) or by masked loads. m is
 padded to MB >= 16 (tensor-core tiles) and masked; wide experts are cut into chunks of
 MC <= MB columns (grid axis of the dot and scatter, a loop in the axpy). The axpy and
-scatter run on a 1-D grid; with LOCAL the programs that share a block's (axpy) or an expert's (scatter)
-gathered rows are consecutive, so those rows are read from memory once and then from L2
-(without it, each d-tile's wave re-reads them all).
+scatter run on a 1-D grid; with LOCAL the programs that share a block's (axpy) or an
+expert's (scatter) gathered rows are consecutive, so those rows are read from memory once
+and then from L2 (without it, each d-tile's wave re-reads them all).
+
+hk (pairs per token: heads x top-k) is a compile-time constant, one compile per model: a
+pair's token is pair // hk, and a runtime 64-bit division is a subroutine call per row
+(sm_90a SASS of the deferred pass's scatter: 12 calls and 1720 instructions -> none and
+1504; bench/triton_ptx.py).
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _block(b, order, block_expert, block_start, expert_off, counts, hk, n_exp,
+def _block(b, order, block_expert, block_start, expert_off, counts, hk: tl.constexpr, n_exp,
            BM: tl.constexpr):
     """Block b's expert (n_exp for the sentinel's blocks and those past the last), its
     pairs, their tokens, which are real, and their places in the expert order."""
@@ -49,7 +54,8 @@ def _dot_sum(acc, x, ldx, tab, ldt, tok, valid, rows, jv, d, BK: tl.constexpr,
 
 @triton.jit
 def peer_grouped_dot(x, ldx, tab, ldt, s, order, block_expert, block_start, expert_off,
-                     counts, inv, hk, m, d, n_exp, BM: tl.constexpr, MB: tl.constexpr,
+                     counts, inv, hk: tl.constexpr, m, d, n_exp, BM: tl.constexpr,
+                     MB: tl.constexpr,
                      BK: tl.constexpr, MC: tl.constexpr, IEEE: tl.constexpr,
                      SORTED: tl.constexpr = False, INV_STORE: tl.constexpr = True):
     e, pair, tok, valid, pos = _block(tl.program_id(0), order, block_expert, block_start,
@@ -92,7 +98,7 @@ def _axpy_sum(acc, coef, tab, ldt, pair, valid, e, n, nm, m, mlim, MB: tl.conste
 
 @triton.jit
 def peer_grouped_axpy(coef, tab, ldt, out, order, block_expert, block_start, expert_off,
-                      counts, hk, m, d, n_blocks, n_exp, BM: tl.constexpr,
+                      counts, hk: tl.constexpr, m, d, n_blocks, n_exp, BM: tl.constexpr,
                       MB: tl.constexpr, BN: tl.constexpr, MC: tl.constexpr,
                       IEEE: tl.constexpr, STORE: tl.constexpr, LOCAL: tl.constexpr,
                       SKIP_IF: tl.constexpr = True):
@@ -137,10 +143,11 @@ def _scatter_tile(pid, n_exp, d, BN: tl.constexpr, MB: tl.constexpr, MC: tl.cons
 
 
 @triton.jit
-def _scatter_sum(acc, coef, src, lds, order, off, cnt, hk, m, j, n, d, BM: tl.constexpr,
-                 IEEE: tl.constexpr, PREFETCH: tl.constexpr, SORTED: tl.constexpr):
+def _scatter_sum(acc, coef, src, lds, order, off, cnt, hk: tl.constexpr, m, j, n, d,
+                 BM: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr,
+                 SORTED: tl.constexpr):
     """acc [MC, BN] += coef[pairs, j]^T . src[tokens, n] over one expert's cnt pairs,
-    which start at `off` in `order`."""
+    which start at `off` in `order` (each step divides its pair ids by hk)."""
     jv = j < m
     nm = n < d
     if PREFETCH:   # the next step's pair ids are loaded one step ahead (loop-carried)
@@ -167,8 +174,8 @@ def _scatter_sum(acc, coef, src, lds, order, off, cnt, hk, m, j, n, d, BM: tl.co
 
 
 @triton.jit
-def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk, m, d, n_exp,
-                         BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
+def peer_grouped_scatter(coef, src, lds, grad, order, expert_off, counts, hk: tl.constexpr, m,
+                         d, n_exp, BM: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr,
                          MC: tl.constexpr, IEEE: tl.constexpr, LOCAL: tl.constexpr,
                          PREFETCH: tl.constexpr, SORTED: tl.constexpr = False,
                          ACC: tl.constexpr = False):
