@@ -156,7 +156,8 @@ def report(kernel, shape, tiles, arch=90, out_dtype=None):
             k = triton.compile(ASTSource(fn, sig, const, attrs=hints),
                                target=GPUTarget("cuda", arch, 32),
                                options=dict(num_warps=warps, num_stages=stages))
-    except Exception as e:   # ptxas refused it (Triton runs ptxas itself)
+    except (triton.runtime.errors.PTXASError,   # ptxas refused it (Triton runs ptxas)
+            triton.compiler.errors.CompilationError) as e:   # or Triton the settings
         msg = str(e).split("`ptxas` stderr:")[-1].split("Repro command")[0]
         row["error"] = " ".join(msg.split())[:300]
         return row
