@@ -56,7 +56,7 @@ def main():
         lay = pg._layout(idx, E, m)
         order, bexp, bstart, eoff, counts, inv = lay
         order64 = order.long()
-        offs = (eoff + counts).to(torch.int32)
+        offs = (eoff + counts)[:E].to(torch.int32)   # the sentinel's group left out
         tok_sorted = order64 // hk
         flop = 2 * P * m * d
 
@@ -64,7 +64,7 @@ def main():
             o = torch.empty(T, d, **bf)
             gs = {**pg.GATHER_SUM, **tiles}
             peer_gather_sum[(triton.cdiv(T, gs["BT"]), triton.cdiv(d, gs["BN"]))](
-                rows, inv, o, d, T, hk, d, **gs)
+                rows, inv, o, d, T, hk, d, inv, **gs)   # limit: unused without LIMIT
             return o
 
         def axpy_gmm():   # the coefficient copy counted

@@ -99,21 +99,21 @@ def main():
                 if kind == "dot":
                     s = torch.empty(T, h, k, m, **bf)
                     pk.peer_grouped_dot[(nb, MB // mc)](x, d, U, d, s, order, bexp, bstart,
-                                                        eoff, counts, inv, hk, m, d, BK=tile,
-                                                        **kw)
+                                                        eoff, counts, inv, hk, m, d, n_exp,
+                                                        BK=tile, **kw)
                     return s
                 if kind.startswith("axpy"):
                     store = kind == "axpy_store"
                     o = (torch.empty(T * hk, d, **bf) if store
                          else torch.zeros(T, d, device=DEV, dtype=torch.float32))
                     pk.peer_grouped_axpy[(nb * triton.cdiv(d, tile),)](
-                        w, U, d, o, order, bexp, bstart, eoff, counts, hk, m, d, nb, BN=tile,
-                        STORE=store, LOCAL=local, **kw)
+                        w, U, d, o, order, bexp, bstart, eoff, counts, hk, m, d, nb, n_exp,
+                        BN=tile, STORE=store, LOCAL=local, **kw)
                     return o.view(T, hk, d).sum(1) if store else o.to(torch.bfloat16)
                 grad = torch.empty(n_exp * m, d, **bf)
                 pk.peer_grouped_scatter[(n_exp * triton.cdiv(d, tile) * (MB // mc),)](
                     w, go, d, grad, order, eoff, counts, hk, m, d, n_exp, BN=tile,
-                    LOCAL=local, PREFETCH=prefetch, **kw)
+                    LOCAL=local, PREFETCH=prefetch, I32=pg._offsets_fit(go, w), **kw)
                 return grad
 
             for kind in args.kernels.split(","):

@@ -40,7 +40,10 @@ def test_ops_add_table_gradients_to_the_accumulator():
                 continue
             for name, err in r.items():
                 assert err < 1e-5, (case, path, name, err)
-    assert seen == {"reference", "fused"}, seen
+    # the fused path: on a CPU its ops' CPU forms; on a GPU only with the extension built
+    from megapeer.ops import peer_cuda
+    fused = not torch.cuda.is_available() or peer_cuda.available()[0]
+    assert seen == ({"reference", "fused"} if fused else {"reference"}), seen
 
 
 def test_trains_like_the_unfused_accumulation(tmp_path, parity_demo):

@@ -12,7 +12,8 @@ id (narrow, deterministic, wide in both forms: against the reference with them o
 valid rows and gated 0; their dot outputs written as zeros over NaN-filled memory); the
 layout's Triton kernels equal to its torch form (layout_torch) on awkward ids; the axpy and
 scatter in their other grid order (LOCAL off) and the scatter with its pair ids loaded a
-step ahead (PREFETCH): the benchmarks' comparisons. Experts >= 128 wide take the expert-ordered form (s and w sorted
+step ahead (PREFETCH): the benchmarks' comparisons; the scatter with 64-bit offsets (I32 off,
+what inputs past 2**31 elements take). Experts >= 128 wide take the expert-ordered form (s and w sorted
 by expert, the axpy as torch's grouped GEMM + a per-token sum): checked as above, and the
 token-ordered form for them too (SORTED_FORM off), and both forms under torch.compile;
 through the model under TP2, EP2 and
@@ -55,7 +56,7 @@ def test_grouped_kernels_match_reference():
     # which form ran: expert order for wide experts (fp32 here: on a GPU only bf16 takes it,
     # checked by the bf16_wide case)
     wide = {"m100_chunked", "m300_chunked", "unlocal_m100_chunked", "prefetch_m100_chunked",
-            "foreign_m100_chunked"}
+            "foreign_m100_chunked", "offsets64_m100_chunked"}
     # other EP ranks' pairs (the sentinel id): the dot writes zeros for them, not garbage
     assert res.pop("foreign_zeros") == {"ok": 1.0}
     # the layout's Triton kernels give layout_torch's tensors exactly
@@ -87,6 +88,20 @@ def test_grouped_mode_needs_triton_to_run(monkeypatch):
     idx = torch.zeros(4, 1, 2, dtype=torch.long)
     with pytest.raises(RuntimeError, match="model.peer.kernel=grouped but needs a CUDA GPU"):
         dispatch.gather_dot(x, idx, U, 2, mode="grouped")
+
+
+def test_scatter_offsets_in_32_bits_only_where_they_fit():
+    """The scatter's gathers take 32-bit offsets (I32) only while every offset into its
+    coefficients and rows is below 2**31 (meta tensors: no memory)."""
+    import torch
+
+    from megapeer.ops.peer_grouped import _offsets_fit
+    rows = torch.empty(2 ** 19, 2048, device="meta")
+    assert _offsets_fit(rows, torch.empty(2 ** 23, 255, device="meta"))
+    assert not _offsets_fit(rows, torch.empty(2 ** 23, 256, device="meta"))
+    assert not _offsets_fit(torch.empty(2 ** 21, 1024, device="meta"))
+    wide = torch.empty(2 ** 17, 2 ** 14, device="meta")[:, :2048]   # rows strided 2**14
+    assert not _offsets_fit(wide) and _offsets_fit(wide[: 2 ** 17 - 1])
 
 
 @pytest.mark.timeout(900)

@@ -65,17 +65,18 @@ from . import peer_ref
 # a step ahead (peer_grouped_kernels.py; H200, docs/benchmarks.md calls 34 and 40);
 # INV_STORE: the expert-ordered dot reads its output rows from the layout's inv;
 # SKIP_IF: the axpy's sentinel blocks skip their loop by a branch (False: by masked loads;
-# the branch cost the narrow atomic axpy 28%, H200, docs/benchmarks.md call 104).
+# the branch cost the narrow atomic axpy 28%, H200, docs/benchmarks.md call 104);
+# I32: the scatter's gathers use 32-bit offsets where every offset fits (_offsets_fit).
 TILES = {"dot": dict(BM=64, BK=64, MC=64, num_warps=4, num_stages=3, INV_STORE=True),
          "axpy": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3, LOCAL=True,
                       SKIP_IF=False),
          "scatter": dict(BM=64, BN=64, MC=64, num_warps=4, num_stages=3, LOCAL=True,
-                         PREFETCH=False)}
+                         PREFETCH=False, I32=True)}
 TILES_WIDE = {"dot": dict(BM=128, BK=64, MC=256, num_warps=8, num_stages=3, INV_STORE=True),
               "axpy": dict(BM=128, BN=256, MC=64, num_warps=8, num_stages=3, LOCAL=True,
                            SKIP_IF=True),
               "scatter": dict(BM=64, BN=128, MC=128, num_warps=8, num_stages=3, LOCAL=True,
-                             PREFETCH=True)}
+                             PREFETCH=True, I32=True)}
 # ids equal to the expert count (the sentinel) are other expert-parallel ranks' pairs:
 # sorted last, no table read, zero dot products, nothing added (dispatch.foreign_pairs_to_rows)
 SKIPS_SENTINEL = True
@@ -213,6 +214,12 @@ def _tiles(kind: str, m: int) -> dict:
     t = dict((TILES_WIDE if _mb(m) >= 128 else TILES)[kind])
     t["MC"] = min(t["MC"], _mb(m))
     return t
+
+
+def _offsets_fit(*ts: Tensor) -> bool:
+    """Whether every element offset of these tensors (row-major, rows strided) is below
+    2**31: then a kernel may compute them in 32 bits."""
+    return all(t.shape[0] * t.stride(0) < 2 ** 31 for t in ts)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -354,6 +361,7 @@ def _scatter(coef, src, order, expert_off, counts, hk, n_rows, m, coef_sorted, o
                          f"{tuple(out.shape)} (contiguous: {out.is_contiguous()})")
     t = {**_tiles("scatter", m), **tiles}
     t["MC"] = min(t["MC"], _mb(m))
+    t["I32"] = t["I32"] and _offsets_fit(src, coef)
     scatter_kernel[(n_exp * triton.cdiv(d, t["BN"]) * (_mb(m) // t["MC"]),)](
         coef, src, src.stride(0), out, order, expert_off, counts, hk, m, d, n_exp,
         MB=_mb(m), IEEE=src.dtype == torch.float32, SORTED=coef_sorted, ACC=accumulate, **t)

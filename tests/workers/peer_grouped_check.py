@@ -134,11 +134,12 @@ def wide_rows(dev, expert_order=True):
 
 
 def other_settings(dev):
-    """The axpy and scatter in the grid order before LOCAL, and the scatter with its pair ids
-    loaded a step ahead (PREFETCH; benchmarks' comparisons): the same values, narrow and
-    chunked wide experts."""
+    """The axpy and scatter in the grid order before LOCAL, the scatter with its pair ids
+    loaded a step ahead (PREFETCH; benchmarks' comparisons) and with 64-bit offsets (what
+    inputs past 2**31 elements take): the same values, narrow and chunked wide experts."""
     res = {}
-    for name, change in (("unlocal", {"LOCAL": False}), ("prefetch", {"PREFETCH": True})):
+    for name, change in (("unlocal", {"LOCAL": False}), ("prefetch", {"PREFETCH": True}),
+                         ("offsets64", {"I32": False})):
         with peer_grouped.tiles_changed(**change):
             for c in ("m16", "m32_hot", "m100_chunked"):
                 res[f"{name}_{c}"] = run(c, dev)
