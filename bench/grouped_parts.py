@@ -14,7 +14,10 @@ Each alternative is checked against the first form (max error / max magnitude). 
 of the Triton scatter and axpy with sorted or transposed operand loads, docs/benchmarks.md
 call 37, were timed by this script at commit 2e4fa2e and then removed: no gain.)
 
-  python3 bench/grouped_parts.py [--shapes wider_mb2,wider] [--json out.json]
+--check runs each form once, untimed, and raises on a failure (on a CPU in Triton's
+interpreter, fp32, at the `tiny` shape: tests/test_bench_grouped.py).
+
+  python3 bench/grouped_parts.py [--shapes wider_mb2,wider] [--json out.json] [--check]
 """
 import argparse
 import contextlib
@@ -27,23 +30,25 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.grouped_tune import SHAPES, header, shapes_arg  # noqa: E402
+from bench.grouped_tune import SHAPES, check_mode, header, shapes_arg  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="wider_mb2,wider")
     ap.add_argument("--json")
+    ap.add_argument("--check", action="store_true",
+                    help="run each form once, untimed, raising on a failure (on a CPU: "
+                         "TRITON_INTERPRET=1)")
     args = ap.parse_args()
     shapes = shapes_arg(ap, args.shapes)
-    if not torch.cuda.is_available():
-        ap.error("needs a CUDA GPU (the kernels are timed there)")
+    dev, dtype = check_mode(ap, args.check)
     import triton
     import triton.testing
 
     from megapeer.ops import peer_grouped as pg
     from megapeer.ops.peer_grouped_kernels import peer_gather_sum
-    dev, bf = "cuda", dict(device="cuda", dtype=torch.bfloat16)
+    bf = dict(device=dev, dtype=dtype)
     out = header("rows")
     for shape in shapes:
         T, d, E, h, k, m = SHAPES[shape]
@@ -132,18 +137,24 @@ def main():
         for kind, fs in forms.items():
             want = fs[0][1]().float()
             for name, fn in fs:
-                try:
-                    ms = triton.testing.do_bench(fn, warmup=10, rep=50)
-                except Exception as e:   # a form this torch or card cannot run
-                    print(f"{shape:10s} {kind:8s} {name:26s} failed: {type(e).__name__}: "
-                          f"{str(e)[:100]}", flush=True)
-                    continue
-                row = dict(shape=shape, kernel=kind, form=name, ms=ms, tflops=flop / ms / 1e9)
+                if args.check:   # untimed; a failure raises
+                    fn()
+                    ms = None
+                else:
+                    try:
+                        ms = triton.testing.do_bench(fn, warmup=10, rep=50)
+                    except Exception as e:   # a form this torch or card cannot run
+                        print(f"{shape:10s} {kind:8s} {name:26s} failed: {type(e).__name__}: "
+                              f"{str(e)[:100]}", flush=True)
+                        continue
+                row = dict(shape=shape, kernel=kind, form=name, ms=ms,
+                           tflops=ms and flop / ms / 1e9)
                 if not name.startswith("  part"):
                     got = fn().float()
                     row["rel_err"] = ((got - want).abs().max() / want.abs().max()).item()
                 out["rows"].append(row)
-                print(f"{shape:10s} {kind:8s} {name:26s} {ms:7.3f} ms {row['tflops']:6.0f} TFLOP/s"
+                timed = f"{ms:7.3f} ms {row['tflops']:6.0f} TFLOP/s" if ms else "checked"
+                print(f"{shape:10s} {kind:8s} {name:26s} {timed}"
                       f"  {'rel_err %.1e' % row['rel_err'] if 'rel_err' in row else ''}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
