@@ -10,8 +10,8 @@ layer shape gets (ops/peer_grouped.py: _tiles, MERGED_TILES, GATHER_SUM), change
   mma       tensor-core instructions (wgmma on sm_90a)
   ptxas     registers per thread and spill bytes (ptxas -v), or the error of a setting
             ptxas refuses (e.g. too few registers at 16 warps)
-  sass      machine instructions in the kernel and its subroutine calls (nvdisasm; a
-            runtime 64-bit integer division, for one, is a call)
+  sass      machine instructions in the kernel, its subroutine calls (nvdisasm; a
+            runtime 64-bit integer division, for one, is a call) and in its longest loop
 Screen changes here first: on an H200 a `tl.where` over the scatter's offsets turned its
 16-byte loads into 2-byte ones, and a 256 x 256 scatter tile did not fit the registers
 (docs/benchmarks.md, calls 116-118). Integer arguments divisible by 16 get Triton's
@@ -187,7 +187,37 @@ def sass_counts(cubin):
     if p.returncode:
         return {"error": p.stderr.strip()[:200]}
     ins = [line for line in p.stdout.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
-    return {"instructions": len(ins), "calls": sum(" CALL" in line for line in ins)}
+    return {"instructions": len(ins), "calls": sum(" CALL" in line for line in ins),
+            "loop": longest_loop(p.stdout)}
+
+
+def longest_loop(sass):
+    """Instructions in the longest loop of nvdisasm's listing: from a label to a branch back
+    to it (a kernel's main loop, where a latency-bound kernel spends its time); 0 if none."""
+    labels, addrs, branches = {}, [], []
+    pending = []
+    for line in sass.splitlines():
+        lab = re.match(r"\.(L_x_\d+):", line)
+        if lab:
+            pending.append(lab.group(1))
+            continue
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*)", line)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        addrs.append(addr)
+        for name in pending:
+            labels[name] = addr
+        pending = []
+        target = re.search(r"\bBRA\b.*\(\.(L_x_\d+)\)", m.group(2))
+        if target:
+            branches.append((addr, target.group(1)))
+    best = 0
+    for addr, name in branches:
+        start = labels.get(name)
+        if start is not None and start <= addr:
+            best = max(best, sum(start <= a <= addr for a in addrs))
+    return best
 
 
 def main():
