@@ -35,3 +35,22 @@ def test_reports_the_merged_scatter_and_a_tile_ptxas_refuses():
     assert "registers" in big.get("error", ""), big
     with pytest.raises(ValueError, match="not settings of scatter_merged"):
         triton_ptx.report("scatter_merged", SHAPES["wider_mb2"], {"XX": 1})
+
+
+def test_longest_loop_counts_from_a_label_to_the_branch_back():
+    listing = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;
+.L_x_2:
+        /*0020*/                   ISETP.GE.AND P0, PT, R2, 0x8, PT ;
+        /*0030*/              @!P0 BRA `(.L_x_2) ;
+        /*0040*/                   BRA `(.L_x_1) ;
+        /*0050*/                   BRA `(.L_x_3) ;
+.L_x_3:
+        /*0060*/                   EXIT ;
+"""
+    # the outer loop (0x10-0x40, 4 instructions) is the longest; a forward branch is no loop
+    assert triton_ptx.longest_loop(listing) == 4
+    assert triton_ptx.longest_loop(listing.replace("BRA `(.L_x_1)", "NOP")) == 2
+    assert triton_ptx.longest_loop("") == 0
