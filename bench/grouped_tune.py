@@ -101,6 +101,7 @@ def main():
     from megapeer.ops import peer_grouped_kernels as pk
 
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    errors = compile_errors()
     out = header("results")
     for shape in args.shapes.split(","):
         T, d, n_exp, h, k, m = SHAPES[shape]
@@ -157,7 +158,7 @@ def main():
                         row["ms"] = None if args.check else triton.testing.do_bench(
                             lambda: launch(kind, tile, warps, stages, local, pf), warmup=10, rep=50)
                         row["rel_err"] = err / scale
-                    except compile_errors() as e:  # e.g. out of shared memory for this tile
+                    except errors as e:  # e.g. out of shared memory for this tile
                         row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
                     out["results"].append(row)
                     print(json.dumps(row), flush=True)
