@@ -30,6 +30,8 @@ SHAPES = {"reuse": (4096, 2048, 64 ** 2, 16, 32, 16),
           "wider_mb2": (8192, 2048, 16 ** 2, 4, 8, 256),   # micro-batch 2 of 4096
           "tiny": (48, 64, 4, 2, 2, 128)}   # --check on a CPU (Triton's interpreter)
 KERNELS = ("dot", "axpy", "axpy_store", "scatter")
+
+
 def shapes_arg(ap, text):
     """The shape names of a --shapes value, each one of SHAPES (else ap.error)."""
     names = text.split(",")
@@ -194,4 +196,3 @@ def best_rows(out):
 
 if __name__ == "__main__":
     main()
-

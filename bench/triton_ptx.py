@@ -32,10 +32,11 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.grouped_tune import SHAPES  # noqa: E402
+from bench.grouped_tune import SHAPES, compile_errors  # noqa: E402
 
 INDEX = {"order", "block_expert", "block_start", "expert_off", "counts", "inv", "limit"}
 DATA = {"x", "tab", "s", "coef", "src", "rows"}
+SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*)")   # an instruction: address, text
 
 
 def launch(kernel, shape):
@@ -156,8 +157,7 @@ def report(kernel, shape, tiles, arch=90, out_dtype=None):
             k = triton.compile(ASTSource(fn, sig, const, attrs=hints),
                                target=GPUTarget("cuda", arch, 32),
                                options=dict(num_warps=warps, num_stages=stages))
-    except (triton.runtime.errors.PTXASError,   # ptxas refused it (Triton runs ptxas)
-            triton.compiler.errors.CompilationError) as e:   # or Triton the settings
+    except compile_errors() as e:   # ptxas refused it (Triton runs ptxas), or Triton
         msg = str(e).split("`ptxas` stderr:")[-1].split("Repro command")[0]
         row["error"] = " ".join(msg.split())[:300]
         return row
@@ -176,7 +176,8 @@ def report(kernel, shape, tiles, arch=90, out_dtype=None):
 
 
 def sass_counts(cubin):
-    """{instructions, calls} of a cubin's machine code (Triton's nvdisasm)."""
+    """{instructions, calls, loop} of a cubin's machine code (Triton's nvdisasm; loop: the
+    longest loop's instructions)."""
     import triton
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                             "nvdisasm")
@@ -186,7 +187,7 @@ def sass_counts(cubin):
         p = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True)
     if p.returncode:
         return {"error": p.stderr.strip()[:200]}
-    ins = [line for line in p.stdout.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
+    ins = [line for line in p.stdout.splitlines() if SASS_LINE.match(line)]
     return {"instructions": len(ins), "calls": sum(" CALL" in line for line in ins),
             "loop": longest_loop(p.stdout)}
 
@@ -201,7 +202,7 @@ def longest_loop(sass):
         if lab:
             pending.append(lab.group(1))
             continue
-        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*)", line)
+        m = SASS_LINE.match(line)
         if not m:
             continue
         addr = int(m.group(1), 16)
