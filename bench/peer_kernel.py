@@ -218,14 +218,20 @@ def breakdown(p, warmup, reps, copy_bw):
     act = T * d * e
     grad = N * d * e
     chunk = peer_cuda._settings.chunk
-    def prefetch(flag, fn):   # MEGAPEER_PEER_PREFETCH for one call (unset: per-kernel default)
+    def switch(name, flag, fn):   # an environment switch of the kernels for one call (unset: default)
         def run():
-            os.environ["MEGAPEER_PEER_PREFETCH"] = flag
+            os.environ[name] = flag
             try:
                 return fn()
             finally:
-                os.environ.pop("MEGAPEER_PEER_PREFETCH", None)
+                os.environ.pop(name, None)
         return run
+
+    def prefetch(flag, fn):
+        return switch("MEGAPEER_PEER_PREFETCH", flag, fn)
+
+    def stage(flag, fn):   # the table-gradient walks staged through shared memory (1) or not (0)
+        return switch("MEGAPEER_PEER_STAGE", flag, fn)
 
     ops = {
         "sort pairs by expert": (lambda: ext.sort_pairs(idx, N, chunk), idx.numel() * 8 * 2),
@@ -235,9 +241,17 @@ def breakdown(p, warmup, reps, copy_bw):
                                                  rows + act),
         "gather_axpy token-major": (lambda: ext.gather_axpy(w, idx, V, 1), rows + act),
         "grad_U: scatter sorted (incl. sort)": (lambda: ext.expert_scatter(w, idx, x, None, N, 1, 0, chunk), grad + act),
+        "grad_U: scatter sorted, staged": (stage("1", lambda: ext.expert_scatter(w, idx, x, None, N, 1, 0, chunk)),
+                                           grad + act),
+        "grad_U: scatter sorted, unstaged": (stage("0", lambda: ext.expert_scatter(w, idx, x, None, N, 1, 0, chunk)),
+                                             grad + act),
         "grad_U: scatter atomic (incl. zero fill)": (lambda: ext.expert_scatter(w, idx, x, None, N, 1, 1, chunk), grad + act),
         "grad_U: scatter atomic, bf16 atomics": (lambda: ext.expert_scatter(w, idx, x, None, N, 1, 2, chunk), grad + act),
         "grad_V+grad_w: sorted, fused dot": (lambda: ext.expert_scatter(w, idx, x, V, N, 1, 0, chunk), rows + grad + act),
+        "grad_V+grad_w: sorted, fused dot, staged": (stage("1", lambda: ext.expert_scatter(w, idx, x, V, N, 1, 0, chunk)),
+                                                      rows + grad + act),
+        "grad_V+grad_w: sorted, fused dot, unstaged": (stage("0", lambda: ext.expert_scatter(w, idx, x, V, N, 1, 0, chunk)),
+                                                        rows + grad + act),
         "grad_V+grad_w: sorted, fused dot, prefetch": (prefetch("1", lambda: ext.expert_scatter(w, idx, x, V, N, 1, 0, chunk)),
                                                         rows + grad + act),
         "grad_V+grad_w: atomic, fused dot": (lambda: ext.expert_scatter(w, idx, x, V, N, 1, 1, chunk), rows + grad + act),

@@ -224,13 +224,17 @@ def _check(c, dtype, m):
 ALGOS = [("token", "sorted"), ("expert", "sorted"), ("expert", "atomic"), ("token", "atomic")]
 
 
-@pytest.fixture(params=["default", "prefetch", "no-prefetch"])
+@pytest.fixture(params=["default", "prefetch", "no-prefetch", "staged", "unstaged"])
 def walk_variant(request, monkeypatch):
-    """The table-row strategies of the expert-major walk (MEGAPEER_PEER_PREFETCH)."""
-    if request.param == "default":
-        monkeypatch.delenv("MEGAPEER_PEER_PREFETCH", raising=False)
-    else:
+    """The table-row strategies of the expert-major walk (MEGAPEER_PEER_PREFETCH), and the
+    table-gradient walks with and without their shared-memory staging (MEGAPEER_PEER_STAGE;
+    by default it depends on the pairs per expert)."""
+    monkeypatch.delenv("MEGAPEER_PEER_PREFETCH", raising=False)
+    monkeypatch.delenv("MEGAPEER_PEER_STAGE", raising=False)
+    if request.param in ("prefetch", "no-prefetch"):
         monkeypatch.setenv("MEGAPEER_PEER_PREFETCH", "1" if request.param == "prefetch" else "0")
+    elif request.param in ("staged", "unstaged"):
+        monkeypatch.setenv("MEGAPEER_PEER_STAGE", "1" if request.param == "staged" else "0")
     return request.param
 
 
@@ -372,7 +376,7 @@ def test_table_gradient_passes_share_one_sort_and_never_a_stale_one(monkeypatch)
 
 
 @gpu
-@pytest.mark.parametrize("name", ["MEGAPEER_PEER_SORT_REUSE", "MEGAPEER_PEER_PREFETCH"])
+@pytest.mark.parametrize("name", ["MEGAPEER_PEER_SORT_REUSE", "MEGAPEER_PEER_PREFETCH", "MEGAPEER_PEER_STAGE"])
 def test_bad_switch_value_is_named(monkeypatch, name):
     """The kernels' environment switches take 0 or 1; another value is an error naming
     the variable (it was read as 'on' before)."""
@@ -382,6 +386,44 @@ def test_bad_switch_value_is_named(monkeypatch, name):
     monkeypatch.setenv(name, "false")
     with pytest.raises(RuntimeError, match=f"{name} must be 0 or 1, got 'false'"):
         ext.expert_scatter(coef, idx, x, None, 64, 1, ext.SCATTER_SORTED, 64)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", ["d1024", "d2304_slices", "m2_d192", "heavy"])
+@pytest.mark.parametrize("chunk", [256, 7])
+def test_staged_walks_equal_register_walks_bitwise(monkeypatch, dtype, shape, chunk):
+    """The staged table-gradient walks (rows through shared memory) sum the same products
+    in the same order as the register walks: grad_U, grad_V and grad_w are bitwise equal,
+    with and without fp32 accumulators (gradient-accumulation fusion). chunk 256 walks
+    blocks of 64 positions (two index batches each), chunk 7 blocks of 7 and heavy chunks."""
+    monkeypatch.setenv("MEGAPEER_PEER_SORT_REUSE", "0")   # each pass sorts, reading the switch
+    cases = {"d1024": dict(T=301, h=4, k=8, N=1024, d=1024, m=1),
+             "d2304_slices": SHAPES["d2304_slices"], "m2_d192": SHAPES["m2_d192"],
+             "heavy": dict(T=200, h=4, k=8, N=97, d=256, m=1)}
+    kw = cases[shape]
+    idx = _skewed_idx(kw["T"], kw["h"], kw["k"], kw["N"]) if shape == "heavy" else None
+    c = _make(**kw, dtype=dtype, idx=idx)
+    ext, m, n_rows = peer_cuda._ext(), kw["m"], kw["N"] * kw["m"]
+    x, go, V = c["x"].to(dtype), c["go"].to(dtype), c["V"].to(dtype)
+    w, gs = c["w"].to(dtype), c["gs"].to(dtype)
+
+    def passes():
+        out = {}
+        algo = ext.SCATTER_SORTED
+        out["grad_V"], out["grad_w"] = ext.expert_scatter(w, c["idx"], go, V, n_rows, m, algo, chunk)
+        out["grad_U"], _ = ext.expert_scatter(gs, c["idx"], x, None, n_rows, m, algo, chunk)
+        acc = torch.randn(n_rows, kw["d"], device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        _, out["grad_w_acc"] = ext.expert_scatter(w, c["idx"], go, V, n_rows, m, algo, chunk, acc=acc)
+        out["acc"] = acc
+        return out
+
+    monkeypatch.setenv("MEGAPEER_PEER_STAGE", "0")
+    ref = passes()
+    monkeypatch.setenv("MEGAPEER_PEER_STAGE", "1")
+    got = passes()
+    for name in ref:
+        assert torch.equal(got[name], ref[name]), f"{shape} {name}: staged walk differs"
 
 
 @gpu

@@ -48,6 +48,10 @@ struct Sorted {
   // first pair (0); -1 (default): prefetch in the forward dot, not in the fused
   // grad_V + grad_w walk, where the extra registers spill (docs/kernels.md).
   int prefetch = -1;
+  // Table-gradient walks on the 16-byte vector path: rows staged through shared memory by
+  // cp.async (1), or loaded into registers (0); -1 (default): staged where the experts
+  // average at most 3 pairs each (stage_walks in peer_kernels.cuh).
+  int stage = -1;
   int64_t max_heavy = 0;                  // upper bounds used for grid sizes
   int64_t max_heavy_slots = 0;
 };

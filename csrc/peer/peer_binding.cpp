@@ -142,6 +142,9 @@ SortHolder sort_pairs_impl(const at::Tensor& idx, int64_t P, int64_t n_exp, int6
   // the next expert's table row in every walk, =0 in none; unset: the measured
   // best per kernel (see Sorted::prefetch and docs/kernels.md).
   h.so.prefetch = env_switch("MEGAPEER_PEER_PREFETCH");
+  // MEGAPEER_PEER_STAGE=1 / 0: the table-gradient walks staged through shared memory, or
+  // not; unset: by the pairs per expert (Sorted::stage).
+  h.so.stage = env_switch("MEGAPEER_PEER_STAGE");
   return h;
 }
 

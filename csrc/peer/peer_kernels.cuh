@@ -10,6 +10,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cute/arch/copy_sm80.hpp>
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
@@ -503,6 +504,183 @@ __global__ void __launch_bounds__(kThreads, 2) walk_kernel(KArgs<T> a) {
   }
 }
 
+// Staged walk (table gradients, modes 1 and 2, 16-byte vectors): the same work items,
+// order and sums as walk_kernel, but each warp copies the rows of the next L sorted
+// positions into its ring of S = L + 1 slots in shared memory with cp.async (x rows, and
+// in mode 2 the table row where an expert starts, with L2 evict_first), so L + 1 rows per
+// warp are in flight where walk_kernel's registers allow UNR (1 in mode 2). A lane reads
+// back only the vectors it copied: no warp barrier. Index batches of 32 positions are
+// loaded one batch ahead.
+// Slots per warp: 3 (x and table rows in mode 2: 96 KiB a block at 1024 bf16; two blocks
+// per SM).
+template <int kMode> struct StageSlots { static constexpr int value = 3; };
+
+template <class T, int VEC, int NV, int kMode>
+constexpr int staged_smem_bytes() {
+  return kWarps * StageSlots<kMode>::value * (kMode == 2 ? 2 : 1) * 32 * NV * VEC * int(sizeof(T));
+}
+
+CUTE_DEVICE void cp_async_stream16(void* smem, const void* gmem) {
+  uint64_t pol;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(smem))),
+               "l"(gmem), "l"(pol));
+}
+
+// The lane's vectors of a row slice into its places of a slot (same layout as lane_view,
+// relative to the slice).
+template <bool kStream, int VEC, int NV, class T>
+CUTE_DEVICE void stage_lane(T* slot, const T* row, int v0, int lane, int nvec) {
+  CUTE_UNROLL
+  for (int i = 0; i < NV; ++i) {
+    if (v0 + 32 * i >= nvec) continue;
+    T* dst = slot + (32 * i + lane) * VEC;
+    const T* src = row + int64_t(v0 + 32 * i) * VEC;
+    if constexpr (kStream) cp_async_stream16(dst, src);
+    else SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(src),
+                                                    *reinterpret_cast<uint128_t*>(dst));
+  }
+}
+
+template <int VEC, int NV, class T, class RT>
+CUTE_DEVICE void read_lane(const T* slot, int v0, int lane, int nvec, RT&& r) {
+  CUTE_UNROLL
+  for (int i = 0; i < NV; ++i) {
+    if (v0 + 32 * i < nvec) *reinterpret_cast<uint128_t*>(&r(0, i)) = *reinterpret_cast<const uint128_t*>(slot + (32 * i + lane) * VEC);
+    else clear(r(_, i));
+  }
+}
+
+// One batch of 32 sorted positions from b: the lane's (key, pair, coef) and the mask of
+// positions where an expert starts (carry: the key before b, updated to the batch's last).
+template <class T>
+CUTE_DEVICE void load_batch(const KArgs<T>& a, int64_t b, int64_t qend, int j, int lane, int& carry, int& k,
+                            int& p, float& c, unsigned& starts) {
+  const int n_exp = int(a.g.n_exp);
+  const int n = b < qend ? int(qend - b < 32 ? qend - b : 32) : 0;
+  k = n_exp; p = 0; c = 0.f;
+  if (lane < n) {
+    k = a.so.keys[b + lane];
+    p = a.so.perm[b + lane];
+    c = static_cast<float>(a.coef[int64_t(p) * a.g.m + j]);
+  }
+  const int up = __shfl_up_sync(kFull, k, 1);
+  starts = __ballot_sync(kFull, lane < n && k < n_exp && k != (lane == 0 ? carry : up));
+  if (n > 0) carry = __shfl_sync(kFull, k, n - 1);
+}
+
+template <class T, int VEC, int NV, int kMode>
+__global__ void __launch_bounds__(kThreads, 2) walk_staged_kernel(KArgs<T> a) {
+  static_assert(kMode == 1 || kMode == 2, "the staged walk makes table gradients");
+  constexpr int S = StageSlots<kMode>::value, L = S - 1;
+  constexpr int kRow = 32 * NV * VEC;                  // elements of a warp's row slice
+  constexpr int kSlot = (kMode == 2 ? 2 : 1) * kRow;   // x row, then the table row
+  extern __shared__ __align__(16) unsigned char staged_smem[];
+  const int lane = threadIdx.x & 31;
+  T* ring = reinterpret_cast<T*>(staged_smem) + (threadIdx.x >> 5) * S * kSlot;
+  const int64_t m = a.g.m;
+  const int64_t P = a.g.T * a.g.hk;
+  const int64_t B = a.so.block;
+  const int64_t item = warp_item();
+  if (item >= (P + B - 1) / B * m) return;
+  const int64_t blk = item / m;
+  const int j = int(item - blk * m);
+  const int32_t* __restrict__ keys = a.so.keys;
+  const int n_exp = int(a.g.n_exp);
+  const int64_t bstart = blk * B, bend = bstart + B < P ? bstart + B : P;
+  int64_t q = bstart, qend = bend;
+  {  // the rows this block owns, as in walk_kernel
+    const int k0 = keys[bstart];
+    const int kp = bstart > 0 ? keys[bstart - 1] : -1;
+    const int kl = keys[bend - 1];
+    if (k0 == kp) q = k0 < n_exp ? a.so.offsets[k0 + 1] : P;
+    if (kl >= n_exp) {
+      qend = a.so.offsets[n_exp];
+    } else {
+      const int64_t s0 = a.so.offsets[kl], s1 = a.so.offsets[kl + 1];
+      qend = s1 - s0 > a.so.chunk ? s0 : s1;
+    }
+    if (q >= qend) return;
+  }
+  const int v0 = lane_v0(NV);
+  float acc[NV][VEC];
+  CUTE_UNROLL
+  for (int i = 0; i < NV; ++i)
+    CUTE_UNROLL
+    for (int v = 0; v < VEC; ++v) acc[i][v] = 0.f;
+  // Two batches of indices: positions [b0, b0 + 32) and the next 32.
+  int carry = -1, k0, p0, k1, p1;
+  float c0, c1;
+  unsigned st0, st1;
+  int64_t b0 = q;
+  load_batch(a, b0, qend, j, lane, carry, k0, p0, c0, st0);
+  load_batch(a, b0 + 32, qend, j, lane, carry, k1, p1, c1, st1);
+  auto issue = [&](int64_t jp, int slot) {
+    if (jp < qend) {
+      const bool first = jp < b0 + 32;
+      const int l = int(jp - (first ? b0 : b0 + 32));
+      const int kj = __shfl_sync(kFull, first ? k0 : k1, l);
+      const int pj = __shfl_sync(kFull, first ? p0 : p1, l);
+      if (kj < n_exp) {
+        T* dst = ring + slot * kSlot;
+        stage_lane<false, VEC, NV>(dst, a.x + int64_t(pj / int(a.g.hk)) * a.ldx, v0, lane, a.nvec);
+        if constexpr (kMode == 2) {
+          if ((((first ? st0 : st1) >> l) & 1u) != 0u)
+            stage_lane<true, VEC, NV>(dst + kRow, a.tab + (int64_t(kj) * m + j) * a.ldt, v0, lane, a.nvec);
+        }
+      }
+    }
+    cp_async_fence();  // one group per position, empty or not: wait_group counts positions
+  };
+  CUTE_UNROLL
+  for (int t = 0; t < L; ++t) issue(q + t, t);
+  Tensor tcur = make_tensor<T>(Shape<Int<VEC>, Int<NV>>{});
+  Tensor f = make_tensor<T>(Shape<Int<VEC>, Int<NV>>{});
+  int cur = -1;
+  int slot = 0;  // slot of position i; the issue for i + L goes to the slot i - 1 used
+  for (int64_t i = q; i < qend; ++i) {
+    if (i == b0 + 32) {  // next batch
+      b0 += 32;
+      k0 = k1; p0 = p1; c0 = c1; st0 = st1;
+      load_batch(a, b0 + 32, qend, j, lane, carry, k1, p1, c1, st1);
+    }
+    issue(i + L, slot == 0 ? S - 1 : slot - 1);
+    cp_async_wait<L>();
+    const int l = int(i - b0);
+    const int ki = __shfl_sync(kFull, k0, l);
+    const int pi = __shfl_sync(kFull, p0, l);
+    const float ci = __shfl_sync(kFull, c0, l);
+    const T* src = ring + slot * kSlot;
+    slot = slot == S - 1 ? 0 : slot + 1;
+    if (ki >= n_exp) continue;
+    if (((st0 >> l) & 1u) != 0u) {
+      if (cur >= 0) {
+        put_grad_row(a, int64_t(cur) * m + j, v0, acc);
+        CUTE_UNROLL
+        for (int ii = 0; ii < NV; ++ii)
+          CUTE_UNROLL
+          for (int v = 0; v < VEC; ++v) acc[ii][v] = 0.f;
+      }
+      if constexpr (kMode == 2) read_lane<VEC, NV>(src + kRow, v0, lane, a.nvec, tcur);
+      cur = ki;
+    }
+    read_lane<VEC, NV>(src, v0, lane, a.nvec, f);
+    if constexpr (kMode == 2) {
+      float d = 0.f;
+      CUTE_UNROLL
+      for (int ii = 0; ii < NV; ++ii)
+        CUTE_UNROLL
+        for (int v = 0; v < VEC; ++v) d = fmaf(static_cast<float>(tcur(v, ii)), static_cast<float>(f(v, ii)), d);
+      d = warp_sum(d);
+      if (lane == 0) write_dot(a, int64_t(pi) * m + j, d);
+    }
+    axpy_lane(ci, f, acc);
+  }
+  cp_async_wait<0>();
+  if (cur >= 0) put_grad_row(a, int64_t(cur) * m + j, v0, acc);
+}
+
 // Zero gradient rows of experts nobody chose: one warp per 32 experts.
 template <class T, int VEC, int NV>
 __global__ void __launch_bounds__(kThreads) zero_rows_kernel(KArgs<T> a) {
@@ -732,6 +910,25 @@ cudaError_t dot_token_t(bool vec, Geom g, const T* x, int64_t ldx, const int64_t
   return err != cudaSuccess ? err : finish_dot(a, s, stream);
 }
 
+template <class T, int VEC, int NV, int kMode>
+cudaError_t launch_walk_staged(const KArgs<T>& a, int64_t items, cudaStream_t stream) {
+  constexpr int bytes = staged_smem_bytes<T, VEC, NV, kMode>();
+  cudaError_t e = cudaFuncSetAttribute(walk_staged_kernel<T, VEC, NV, kMode>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess) return e;
+  walk_staged_kernel<T, VEC, NV, kMode><<<grid_for(items, a.slices), kThreads, bytes, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// The staged walks by default where the experts average at most kStagePairs pairs each
+// (H200, calls 130-131 of docs/benchmarks.md: -4% fwd+bwd at 2 pairs an expert, +3% at 4).
+constexpr int64_t kStagePairs = 3;
+
+inline bool stage_walks(const Sorted& so, const Geom& g) {
+  if (so.stage >= 0) return so.stage == 1;
+  return g.T * g.hk <= kStagePairs * g.n_exp;
+}
+
 inline int64_t walk_items(const Geom& g, const Sorted& so) {
   const int64_t P = g.T * g.hk;
   return (P + so.block - 1) / so.block * g.m;
@@ -778,10 +975,24 @@ cudaError_t scatter_sorted_t(bool vec, Geom g, const Sorted& so, const T* coef, 
     if (grad_acc == nullptr)  // accumulating: unused rows stay as they are
       zero_rows_kernel<T, kV, kNV><<<grid_for((g.n_exp + 31) / 32, a.slices), kThreads, 0, stream>>>(a);
     if (a.pm > 0) {
-      const dim3 grid = grid_for(walk_items(g, so), a.slices);
-      if (tab == nullptr) walk_kernel<T, kV, kNV, 1, false><<<grid, kThreads, 0, stream>>>(a);
-      else if (so.prefetch == 1) walk_kernel<T, kV, kNV, 2, true><<<grid, kThreads, 0, stream>>>(a);
-      else walk_kernel<T, kV, kNV, 2, false><<<grid, kThreads, 0, stream>>>(a);
+      const int64_t items = walk_items(g, so);
+      const dim3 grid = grid_for(items, a.slices);
+      constexpr bool kVector = kV * sizeof(T) == 16;
+      const int mode = tab == nullptr ? 1 : 2;
+      bool staged = false;  // the staged walk (16-byte vectors; not with the prefetching mode 2)
+      if constexpr (kVector) {
+        if (stage_walks(so, g) && !(mode == 2 && so.prefetch == 1)) {
+          const cudaError_t w = mode == 1 ? launch_walk_staged<T, kV, kNV, 1>(a, items, stream)
+                                          : launch_walk_staged<T, kV, kNV, 2>(a, items, stream);
+          if (w != cudaSuccess) return w;
+          staged = true;
+        }
+      }
+      if (!staged) {
+        if (mode == 1) walk_kernel<T, kV, kNV, 1, false><<<grid, kThreads, 0, stream>>>(a);
+        else if (so.prefetch == 1) walk_kernel<T, kV, kNV, 2, true><<<grid, kThreads, 0, stream>>>(a);
+        else walk_kernel<T, kV, kNV, 2, false><<<grid, kThreads, 0, stream>>>(a);
+      }
     }
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess || so.max_heavy == 0) return e;
