@@ -354,6 +354,39 @@ __global__ void __launch_bounds__(kThreads, 2) axpy_token_kernel(KArgs<T> a) {
   store_lane<VEC, NV>(a.out + t * a.g.d, v0, a.nvec, acc);
 }
 
+// The sorted positions [q, qend) of walk item `item` (a block of so.block positions, for
+// table row j of each expert). kOwned (table gradients): only the rows the block owns:
+// a row whose first pair lies in an earlier block is skipped, a light row running past
+// the block end is finished here, a heavy row is left to heavy_chunk_kernel. False when
+// there is nothing to do.
+template <bool kOwned, class T>
+CUTE_DEVICE bool walk_range(const KArgs<T>& a, int64_t item, int64_t& q, int64_t& qend, int& j) {
+  const int64_t m = a.g.m;
+  const int64_t P = a.g.T * a.g.hk;
+  const int64_t B = a.so.block;
+  if (item >= (P + B - 1) / B * m) return false;
+  const int64_t blk = item / m;
+  j = int(item - blk * m);
+  const int32_t* __restrict__ keys = a.so.keys;
+  const int n_exp = int(a.g.n_exp);
+  const int64_t bstart = blk * B, bend = bstart + B < P ? bstart + B : P;
+  q = bstart;
+  qend = bend;
+  if constexpr (kOwned) {
+    const int k0 = keys[bstart];
+    const int kp = bstart > 0 ? keys[bstart - 1] : -1;
+    const int kl = keys[bend - 1];
+    if (k0 == kp) q = k0 < n_exp ? a.so.offsets[k0 + 1] : P;       // row owned by an earlier block
+    if (kl >= n_exp) {
+      qend = a.so.offsets[n_exp];
+    } else {
+      const int64_t s0 = a.so.offsets[kl], s1 = a.so.offsets[kl + 1];
+      qend = s1 - s0 > a.so.chunk ? s0 : s1;                         // heavy: heavy_chunk_kernel
+    }
+  }
+  return q < qend;
+}
+
 // Walk the sorted pairs: one warp per (block of consecutive sorted positions,
 // row j, slice). kMode 0: s[p, j] = tab[row] . x[t] for the block's positions
 // (the table row is loaded when the expert changes). kMode 1: table gradient
@@ -371,29 +404,11 @@ __global__ void __launch_bounds__(kThreads, 2) walk_kernel(KArgs<T> a) {
                                                                                        : Unroll<NV>::value;
   const int lane = threadIdx.x & 31;
   const int64_t m = a.g.m;
-  const int64_t P = a.g.T * a.g.hk;
-  const int64_t B = a.so.block;
-  const int64_t item = warp_item();
-  if (item >= (P + B - 1) / B * m) return;
-  const int64_t blk = item / m;
-  const int j = int(item - blk * m);
   const int32_t* __restrict__ keys = a.so.keys;
   const int n_exp = int(a.g.n_exp);
-  const int64_t bstart = blk * B, bend = bstart + B < P ? bstart + B : P;
-  int64_t q = bstart, qend = bend;
-  if constexpr (kAcc) {
-    const int k0 = keys[bstart];
-    const int kp = bstart > 0 ? keys[bstart - 1] : -1;
-    const int kl = keys[bend - 1];
-    if (k0 == kp) q = k0 < n_exp ? a.so.offsets[k0 + 1] : P;       // row owned by an earlier block
-    if (kl >= n_exp) {
-      qend = a.so.offsets[n_exp];
-    } else {
-      const int64_t s0 = a.so.offsets[kl], s1 = a.so.offsets[kl + 1];
-      qend = s1 - s0 > a.so.chunk ? s0 : s1;                         // heavy: heavy_chunk_kernel
-    }
-    if (q >= qend) return;
-  }
+  int64_t q, qend;
+  int j;
+  if (!walk_range<kAcc>(a, warp_item(), q, qend, j)) return;
   const int v0 = lane_v0(NV);
   float acc[NV][VEC];
   CUTE_UNROLL
@@ -580,29 +595,10 @@ __global__ void __launch_bounds__(kThreads, 2) walk_staged_kernel(KArgs<T> a) {
   const int lane = threadIdx.x & 31;
   T* ring = reinterpret_cast<T*>(staged_smem) + (threadIdx.x >> 5) * S * kSlot;
   const int64_t m = a.g.m;
-  const int64_t P = a.g.T * a.g.hk;
-  const int64_t B = a.so.block;
-  const int64_t item = warp_item();
-  if (item >= (P + B - 1) / B * m) return;
-  const int64_t blk = item / m;
-  const int j = int(item - blk * m);
-  const int32_t* __restrict__ keys = a.so.keys;
   const int n_exp = int(a.g.n_exp);
-  const int64_t bstart = blk * B, bend = bstart + B < P ? bstart + B : P;
-  int64_t q = bstart, qend = bend;
-  {  // the rows this block owns, as in walk_kernel
-    const int k0 = keys[bstart];
-    const int kp = bstart > 0 ? keys[bstart - 1] : -1;
-    const int kl = keys[bend - 1];
-    if (k0 == kp) q = k0 < n_exp ? a.so.offsets[k0 + 1] : P;
-    if (kl >= n_exp) {
-      qend = a.so.offsets[n_exp];
-    } else {
-      const int64_t s0 = a.so.offsets[kl], s1 = a.so.offsets[kl + 1];
-      qend = s1 - s0 > a.so.chunk ? s0 : s1;
-    }
-    if (q >= qend) return;
-  }
+  int64_t q, qend;
+  int j;
+  if (!walk_range<true>(a, warp_item(), q, qend, j)) return;
   const int v0 = lane_v0(NV);
   float acc[NV][VEC];
   CUTE_UNROLL
