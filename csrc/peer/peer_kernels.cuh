@@ -528,11 +528,11 @@ __global__ void __launch_bounds__(kThreads, 2) walk_kernel(KArgs<T> a) {
 // loaded one batch ahead.
 // Slots per warp: 3 (x and table rows in mode 2: 96 KiB a block at 1024 bf16; two blocks
 // per SM).
-template <int kMode> struct StageSlots { static constexpr int value = 3; };
+constexpr int kStageSlots = 3;
 
 template <class T, int VEC, int NV, int kMode>
 constexpr int staged_smem_bytes() {
-  return kWarps * StageSlots<kMode>::value * (kMode == 2 ? 2 : 1) * 32 * NV * VEC * int(sizeof(T));
+  return kWarps * kStageSlots * (kMode == 2 ? 2 : 1) * 32 * NV * VEC * int(sizeof(T));
 }
 
 CUTE_DEVICE void cp_async_stream16(void* smem, const void* gmem) {
@@ -588,7 +588,7 @@ CUTE_DEVICE void load_batch(const KArgs<T>& a, int64_t b, int64_t qend, int j, i
 template <class T, int VEC, int NV, int kMode>
 __global__ void __launch_bounds__(kThreads, 2) walk_staged_kernel(KArgs<T> a) {
   static_assert(kMode == 1 || kMode == 2, "the staged walk makes table gradients");
-  constexpr int S = StageSlots<kMode>::value, L = S - 1;
+  constexpr int S = kStageSlots, L = S - 1;
   constexpr int kRow = 32 * NV * VEC;                  // elements of a warp's row slice
   constexpr int kSlot = (kMode == 2 ? 2 : 1) * kRow;   // x row, then the table row
   extern __shared__ __align__(16) unsigned char staged_smem[];
