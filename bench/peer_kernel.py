@@ -233,8 +233,15 @@ def breakdown(p, warmup, reps, copy_bw):
     def stage(flag, fn):   # the table-gradient walks staged through shared memory (1) or not (0)
         return switch("MEGAPEER_PEER_STAGE", flag, fn)
 
+    # L2 gather rate: the same token-major gather from a table of T rows ([T, d], like x: it
+    # stays in L2), the access pattern of the walks' per-pair x / grad_out rows
+    small_tab = torch.randn(T, d, device=x.device).to(x.dtype)
+    small_idx = torch.randint(0, T, idx.shape, device=x.device)
+    pair_rows = idx.numel() * d * e
     ops = {
         "sort pairs by expert": (lambda: ext.sort_pairs(idx, N, chunk), idx.numel() * 8 * 2),
+        "gather_axpy token-major, L2-resident table": (lambda: ext.gather_axpy(w, small_idx, small_tab, 1),
+                                                       pair_rows + act),
         "gather_dot token-major": (lambda: ext.gather_dot(x, idx, U, 1, 0, chunk), rows + act),
         "gather_dot expert-major (incl. sort)": (lambda: ext.gather_dot(x, idx, U, 1, 1, chunk), rows + act),
         "gather_dot expert-major, no prefetch": (prefetch("0", lambda: ext.gather_dot(x, idx, U, 1, 1, chunk)),
