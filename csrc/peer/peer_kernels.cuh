@@ -151,6 +151,14 @@ CUTE_DEVICE void axpy_lane(float c, RT const& r, float (&acc)[NV][VEC]) {
     for (int v = 0; v < VEC; ++v) acc[i][v] = fmaf(c, static_cast<float>(r(v, i)), acc[i][v]);
 }
 
+template <int VEC, int NV>
+CUTE_DEVICE void zero_acc(float (&acc)[NV][VEC]) {
+  CUTE_UNROLL
+  for (int i = 0; i < NV; ++i)
+    CUTE_UNROLL
+    for (int v = 0; v < VEC; ++v) acc[i][v] = 0.f;
+}
+
 CUTE_DEVICE float warp_sum(float v) {
   CUTE_UNROLL
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
@@ -322,10 +330,7 @@ __global__ void __launch_bounds__(kThreads, 2) axpy_token_kernel(KArgs<T> a) {
   if (t >= a.g.T) return;
   const int v0 = lane_v0(NV);
   float acc[NV][VEC];
-  CUTE_UNROLL
-  for (int i = 0; i < NV; ++i)
-    CUTE_UNROLL
-    for (int v = 0; v < VEC; ++v) acc[i][v] = 0.f;
+  zero_acc(acc);
   const int64_t nq = a.g.hk * a.g.m;
   for (int64_t q0 = 0; q0 < nq; q0 += 32) {
     const int n = int(nq - q0 < 32 ? nq - q0 : 32);
@@ -411,10 +416,7 @@ __global__ void __launch_bounds__(kThreads, 2) walk_kernel(KArgs<T> a) {
   if (!walk_range<kAcc>(a, warp_item(), q, qend, j)) return;
   const int v0 = lane_v0(NV);
   float acc[NV][VEC];
-  CUTE_UNROLL
-  for (int i = 0; i < NV; ++i)
-    CUTE_UNROLL
-    for (int v = 0; v < VEC; ++v) acc[i][v] = 0.f;
+  zero_acc(acc);
   // kDot: tcur holds the current expert's table row. kPrefetch: tnext is always
   // in flight for the next expert to start, so its latency hides behind the
   // current one; otherwise a new expert's row is loaded with the x rows of its
@@ -472,10 +474,7 @@ __global__ void __launch_bounds__(kThreads, 2) walk_kernel(KArgs<T> a) {
             if constexpr (kAcc) {
               if (cur >= 0) {
                 put_grad_row(a, int64_t(cur) * m + j, v0, acc);
-                CUTE_UNROLL
-                for (int i = 0; i < NV; ++i)
-                  CUTE_UNROLL
-                  for (int v = 0; v < VEC; ++v) acc[i][v] = 0.f;
+                zero_acc(acc);
               }
             }
             if constexpr (kDot && !kPrefetch) {
@@ -601,10 +600,7 @@ __global__ void __launch_bounds__(kThreads, 2) walk_staged_kernel(KArgs<T> a) {
   if (!walk_range<true>(a, warp_item(), q, qend, j)) return;
   const int v0 = lane_v0(NV);
   float acc[NV][VEC];
-  CUTE_UNROLL
-  for (int i = 0; i < NV; ++i)
-    CUTE_UNROLL
-    for (int v = 0; v < VEC; ++v) acc[i][v] = 0.f;
+  zero_acc(acc);
   // Two batches of indices: positions [b0, b0 + 32) and the next 32.
   int carry = -1, k0, p0, k1, p1;
   float c0, c1;
@@ -653,10 +649,7 @@ __global__ void __launch_bounds__(kThreads, 2) walk_staged_kernel(KArgs<T> a) {
     if (((st0 >> l) & 1u) != 0u) {
       if (cur >= 0) {
         put_grad_row(a, int64_t(cur) * m + j, v0, acc);
-        CUTE_UNROLL
-        for (int ii = 0; ii < NV; ++ii)
-          CUTE_UNROLL
-          for (int v = 0; v < VEC; ++v) acc[ii][v] = 0.f;
+        zero_acc(acc);
       }
       if constexpr (kMode == 2) read_lane<VEC, NV>(src + kRow, v0, lane, a.nvec, tcur);
       cur = ki;
@@ -688,10 +681,7 @@ __global__ void __launch_bounds__(kThreads) zero_rows_kernel(KArgs<T> a) {
   unsigned mask = __ballot_sync(kFull, empty);
   const int v0 = lane_v0(NV);
   float z[NV][VEC];
-  CUTE_UNROLL
-  for (int i = 0; i < NV; ++i)
-    CUTE_UNROLL
-    for (int v = 0; v < VEC; ++v) z[i][v] = 0.f;
+  zero_acc(z);
   while (mask) {
     const int l = __ffs(mask) - 1;
     mask &= mask - 1;
@@ -716,10 +706,7 @@ __global__ void __launch_bounds__(kThreads, 2) heavy_chunk_kernel(KArgs<T> a) {
   float tf[NV][VEC];
   if constexpr (kDot) load_f32<true, VEC, NV>(a.tab + row * a.ldt, v0, a.nvec, tf);
   float acc[NV][VEC];
-  CUTE_UNROLL
-  for (int i = 0; i < NV; ++i)
-    CUTE_UNROLL
-    for (int v = 0; v < VEC; ++v) acc[i][v] = 0.f;
+  zero_acc(acc);
   for (int64_t q0 = ci.seg0; q0 < ci.seg1; q0 += 32) {
     const int n = int(ci.seg1 - q0 < 32 ? ci.seg1 - q0 : 32);
     int my_p = 0;
@@ -766,10 +753,7 @@ __global__ void __launch_bounds__(kThreads, 2) finalize_heavy_kernel(KArgs<T> a)
   const int4 st = a.so.starts[e];
   const int v0 = lane_v0(NV);
   float acc[NV][VEC];
-  CUTE_UNROLL
-  for (int i = 0; i < NV; ++i)
-    CUTE_UNROLL
-    for (int v = 0; v < VEC; ++v) acc[i][v] = 0.f;
+  zero_acc(acc);
   for (int c = 0; c < cnt.x; ++c) {
     float f[NV][VEC];
     load_scratch<VEC, NV>(a.scratch + ((int64_t(st.y) + c) * m + j) * a.g.d, v0, a.nvec, f);
